@@ -1,0 +1,812 @@
+"""
+Transfusion in one file: a single transformer that predicts the next text token
+and denoises images with diffusion, switching between the two inside one sequence.
+
+    Zhou et al., "Transfusion: Predict the Next Token and Diffuse Images with One
+    Multi-Modal Model", 2024. https://arxiv.org/abs/2408.11039  (section numbers: v1)
+
+Read it top to bottom; the sections follow the data:
+    1. config                        5. diffusion: schedule, noising, samplers, CFG
+    2. Llama-style transformer       6. the model: sequences -> batch -> loss
+    3. modality parts (text, images) 7. the decoding loop (§3 "Inference")
+    4. the Transfusion attention mask
+
+A sequence is a Python list of segments: a 1-D LongTensor of text token ids, or an
+image tensor (C, H, W) with values in [-1, 1]. BOI and EOI are not written in the
+text: every image is wrapped in BOI ... EOI when the sequence is built (§3 "Data
+Representation"). Example: [tensor([BOS, 7]), image, tensor([EOS])] is the token
+stream BOS 7 BOI <N patches> EOI EOS.
+
+Deviations from the paper (all made so the model trains on a laptop CPU):
+- Images are raw pixels cut into patches; the paper patchifies the latent of a
+  pretrained VAE (§2.3). Nothing here needs a VAE.
+- Tiny sizes: a few million parameters (paper: 0.16B-7B, Table 2), a vocabulary
+  of 15 tokens (paper: Llama 2's 32k), sequences of tens of tokens (paper: 4096).
+- The U-Net patch encoder has one resolution level and uses GroupNorm with the
+  timestep added, where the paper's U-Net blocks use AdaLayerNorm (footnote 7).
+- Each patch token also gets a learned embedding of its index in the image, so
+  even the linear encoder knows where a patch sits; the paper does not say how it
+  tells patch positions apart beyond the sequence's RoPE.
+- Condition dropout for classifier-free guidance: the paper gives no rate; we
+  use DiT's 0.1. "Unconditional" means the image with no text before it, which
+  is also the context the decoding loop uses for the unconditional prediction.
+- A clean image given to the model (in a prompt, or one that finished decoding)
+  is fed at t = 1, the least-noised level the model trains on:
+  alpha_bar_1 = 0.99996, noise std 0.006, less than one grey level.
+- A DDIM sampler (Song et al. 2021) is offered beside the paper's DDPM one, for
+  fewer steps.
+
+Left out on purpose: the VAE, text tokenization (ids are given), packing many
+documents into one 4096-token row, distributed training and the image-editing
+fine-tune (§4.5).
+"""
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Segment = torch.Tensor  # a 1-D LongTensor of token ids, or an image (C, H, W)
+
+
+# ---------------------------------------------------------------------------
+# 1. Config
+# ---------------------------------------------------------------------------
+
+@dataclass
+class TransfusionConfig:
+    # text (§2.1): a closed vocabulary; special tokens are ordinary ids in it
+    vocab_size: int = 15          # paper: Llama 2's 32k; MNIST: ten digits + 5 specials
+    pad_id: int = 10
+    bos_id: int = 11
+    boi_id: int = 12              # begin of image (§3 "Data Representation")
+    eoi_id: int = 13              # end of image
+    eos_id: int = 14
+    max_seq_len: int = 64         # paper: 4096
+    # transformer (§3 "Model Architecture", §4.1: Llama's settings)
+    d_model: int = 256            # paper: 768-4096 (Table 2)
+    n_layers: int = 4             # paper: 16-32
+    n_heads: int = 4              # paper: 12-32
+    ffn_hidden: int = 688         # SwiGLU width, ~8/3 d_model as in Llama
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # images (§3): pixels here, VAE latents in the paper (§2.3)
+    image_size: int = 28
+    channels: int = 1             # paper: 8 latent channels
+    patch_size: int = 4           # paper: 2x2 latent pixels (= 16x16 image pixels)
+    patch_encoder: str = "linear" # "linear" or "unet" (§3, §4.3.3)
+    unet_channels: int = 32       # width of the U-Net down/up blocks
+    # diffusion (§2.2)
+    T: int = 1000                 # training timesteps, as the paper
+    cosine_s: float = 0.008       # Nichol & Dhariwal's offset
+    max_beta: float = 0.999       # ... and their clip on beta_t
+    # training objective (§3 "Training Objective", §4.1)
+    lam: float = 5.0              # lambda of Eq. 4, as the paper
+    cond_drop_prob: float = 0.1   # paper: not given; DiT's value
+    image_first_max_t: int = 500  # noise cap for images before their caption (§4.3.4)
+
+    @property
+    def n_patches(self) -> int:  # N, patches per image
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:  # C * P * P, numbers in one patch
+        return self.channels * self.patch_size ** 2
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError("d_model / n_heads must be an even integer (RoPE rotates pairs)")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
+        if self.patch_encoder not in ("linear", "unet"):
+            raise ValueError(f"patch_encoder must be 'linear' or 'unet', not {self.patch_encoder!r}")
+        if not 1 <= self.image_first_max_t <= self.T:
+            raise ValueError("image_first_max_t must be in [1, T]")
+
+
+# ---------------------------------------------------------------------------
+# 2. The transformer: Llama-style pre-norm blocks (§4.1 "following ... Llama")
+# ---------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * g (Zhang & Sennrich 2019), Llama's norm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's angles pos * theta^(-2i/Dh) (Su et al. 2021), each (max_len, Dh/2)."""
+    freqs = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)   # (Dh/2,)
+    angles = torch.arange(max_len).float()[:, None] * freqs[None, :]     # (max_len, Dh/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the pairs (x[i], x[i + Dh/2]) of q or k (B, H, S, Dh) by their position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)                                           # (B, H, S, Dh/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of the tokens decoded so far, one pair per layer (§3 "Inference").
+
+    `valid` (B, L) marks real columns. Every call adds a column for every row, so a
+    row that sat a call out (its sequence ended, or waits while others decode) leaves
+    invalid columns behind that no later query may attend to.
+    """
+
+    def __init__(self):
+        self.k: List[torch.Tensor] = []   # per layer (B, H, L, Dh)
+        self.v: List[torch.Tensor] = []
+        self.valid: Optional[torch.Tensor] = None
+
+    def __len__(self):
+        return 0 if self.valid is None else self.valid.shape[1]
+
+    def extend(self, layer: int, k, v, commit: bool):
+        """Keys/values of the cache followed by the new ones; stored if `commit`."""
+        if layer < len(self.k):
+            k = torch.cat([self.k[layer], k], dim=2)                     # (B, H, L+S, Dh)
+            v = torch.cat([self.v[layer], v], dim=2)
+            if commit:
+                self.k[layer], self.v[layer] = k, v
+        elif commit:
+            self.k.append(k)
+            self.v.append(v)
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransfusionConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, commit=False):
+        B, S, D = x.shape
+        # QKV
+        q, k, v = self.wqkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, Dh)
+        # RoPE
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(layer, k, v, commit)                      # (B, H, L+S, Dh)
+        # the mask decides who sees whom: causal text, bidirectional images (section 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)      # (B, H, S, Dh)
+        y = y.transpose(1, 2).reshape(B, S, D)                           # (B, S, D)
+        return self.wo(y)
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP: W2 (silu(W1 x) * W3 x) (Shazeer 2020); W1 and W3 in one matmul."""
+
+    def __init__(self, cfg: TransfusionConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.d_model, 2 * cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)                          # (B, S, ffn_hidden) each
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransfusionConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, commit=False):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, commit)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ---------------------------------------------------------------------------
+# 3. Modality parts (§3 "Model Architecture"): text embeddings, patches, timesteps
+# ---------------------------------------------------------------------------
+# Text has an embedding table in and a linear LM head out (in Transfusion below).
+# Images are cut into P x P patches in raster order (left-to-right, top-to-bottom,
+# §3 "Data Representation") and mapped to and from the transformer's width by a
+# linear layer or by U-Net down/up blocks, with the diffusion timestep added.
+
+def patchify(x, P: int):
+    """(M, C, H, W) images -> (M, N, C*P*P) patches in raster order."""
+    M, C, H, W = x.shape
+    x = x.view(M, C, H // P, P, W // P, P)                              # (M, C, H/P, P, W/P, P)
+    x = x.permute(0, 2, 4, 1, 3, 5)                                     # (M, H/P, W/P, C, P, P)
+    return x.reshape(M, (H // P) * (W // P), C * P * P)                 # (M, N, C*P*P)
+
+
+def unpatchify(x, P: int, C: int):
+    """(M, N, C*P*P) patches -> (M, C, H, W) images; the exact inverse of patchify."""
+    M, N, _ = x.shape
+    side = math.isqrt(N)
+    x = x.view(M, side, side, C, P, P)                                  # (M, H/P, W/P, C, P, P)
+    x = x.permute(0, 3, 1, 4, 2, 5)                                     # (M, C, H/P, P, W/P, P)
+    return x.reshape(M, C, side * P, side * P)                          # (M, C, H, W)
+
+
+def timestep_features(t, dim: int = 256, max_period: float = 10000.0):
+    """Sinusoidal features of the diffusion step t (M,) -> (M, dim), as in DDPM / DiT."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))  # (dim/2,)
+    angles = t.float()[:, None] * freqs[None, :]                        # (M, dim/2)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)             # (M, dim)
+
+
+class TimestepEmbedder(nn.Module):
+    """t -> sinusoidal features -> MLP -> a D-vector added to the image's patches."""
+
+    def __init__(self, d_model: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+
+    def forward(self, t):
+        return self.mlp(timestep_features(t, self.freq_dim))            # (M, D)
+
+
+class LinearPatches(nn.Module):
+    """The paper's simple option (§3): one linear layer in, one linear layer out."""
+
+    def __init__(self, cfg: TransfusionConfig):
+        super().__init__()
+        self.P, self.C = cfg.patch_size, cfg.channels
+        self.proj_in = nn.Linear(cfg.patch_dim, cfg.d_model)
+        self.proj_out = nn.Linear(cfg.d_model, cfg.patch_dim)
+
+    def encode(self, x, temb):
+        """Images x_t (M, C, H, W) and their timestep embedding (M, D) -> tokens (M, N, D)."""
+        return self.proj_in(patchify(x, self.P)) + temb[:, None, :], None
+
+    def decode(self, h, temb, skip):
+        """Transformer outputs at the patches (M, N, D) -> predicted noise (M, C, H, W)."""
+        return unpatchify(self.proj_out(h), self.P, self.C)
+
+
+class ResBlock(nn.Module):
+    """The DDPM U-Net's residual conv block, timestep added between the two convs.
+    GroupNorm where the paper's U-Net uses AdaLayerNorm (footnote 7)."""
+
+    def __init__(self, c_in: int, c_out: int, d_t: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.t_proj = nn.Linear(d_t, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x))) + self.t_proj(temb)[:, :, None, None]  # (M, c_out, H, W)
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class UNetPatches(nn.Module):
+    """The paper's stronger option (§3, §4.3.3): U-Net down blocks before the transformer
+    and up blocks after it, joined by the U-Net's skip connection around the transformer.
+    One level here: a conv block at full resolution, then a P x P stride-P conv makes
+    one token per patch; the up path mirrors it."""
+
+    def __init__(self, cfg: TransfusionConfig):
+        super().__init__()
+        c, D, P = cfg.unet_channels, cfg.d_model, cfg.patch_size
+        self.conv_in = nn.Conv2d(cfg.channels, c, 3, padding=1)
+        self.down = ResBlock(c, c, D)
+        self.to_tokens = nn.Conv2d(c, D, P, stride=P)                   # patchify + linear, in one conv
+        self.from_tokens = nn.ConvTranspose2d(D, c, P, stride=P)
+        self.up = ResBlock(2 * c, c, D)
+        self.norm_out, self.conv_out = nn.GroupNorm(8, c), nn.Conv2d(c, cfg.channels, 3, padding=1)
+
+    def encode(self, x, temb):
+        skip = self.down(self.conv_in(x), temb)                         # (M, c, H, W)
+        h = self.to_tokens(skip)                                        # (M, D, H/P, W/P)
+        return h.flatten(2).transpose(1, 2) + temb[:, None, :], skip    # (M, N, D), raster order
+
+    def decode(self, h, temb, skip):
+        M, N, D = h.shape
+        side = math.isqrt(N)
+        h = self.from_tokens(h.transpose(1, 2).reshape(M, D, side, side))  # (M, c, H, W)
+        h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, c, H, W)
+        return self.conv_out(F.silu(self.norm_out(h)))                  # (M, C, H, W)
+
+
+# ---------------------------------------------------------------------------
+# 4. The Transfusion attention mask (§3 "Transfusion Attention", Fig. 4)
+# ---------------------------------------------------------------------------
+
+def transfusion_mask(img_id, valid):
+    """Who may attend to whom, for a padded batch.
+
+    img_id (B, S): for each position the index of the image its patch belongs to, or
+        -1 for text (BOI and EOI are text) and padding.
+    valid (B, S): False at padding.
+    Returns (B, S, S) bool, True where query i may attend to key j: causal over the
+    whole sequence, plus every pair of patches of the same image (bidirectional),
+    never a padding key. A padding query sees itself, so no softmax row is empty.
+    """
+    S = img_id.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=img_id.device).tril()   # (S, S)
+    same_image = (img_id[:, :, None] == img_id[:, None, :]) & (img_id[:, :, None] >= 0)  # (B, S, S)
+    mask = (causal | same_image) & valid[:, None, :]
+    return mask | torch.eye(S, dtype=torch.bool, device=img_id.device)
+
+
+# ---------------------------------------------------------------------------
+# 5. Diffusion (§2.2): cosine schedule, forward noising, samplers, guidance
+# ---------------------------------------------------------------------------
+
+def cosine_alpha_bar(T: int, s: float = 0.008, max_beta: float = 0.999):
+    """alpha_bar_t for t = 0..T (T+1 values) from Nichol & Dhariwal's cosine schedule.
+
+    f(t) = cos^2((t/T + s) / (1 + s) * pi/2), beta_t = min(1 - f(t)/f(t-1), max_beta),
+    alpha_bar_t = prod_{s<=t} (1 - beta_s), so alpha_bar_0 = 1 (a clean image).
+    """
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)                  # (T,) beta_1..beta_T
+    alpha_bar = torch.cumprod(1 - betas, dim=0)
+    return torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar]).float()  # (T+1,)
+
+
+def add_noise(x0, t, eps, alpha_bar):
+    """Eq. 2: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, for images (M, C, H, W), t (M,)."""
+    ab = alpha_bar[t].view(-1, 1, 1, 1)                                 # (M, 1, 1, 1)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+
+def sampling_timesteps(T: int, steps: int) -> List[Tuple[int, int]]:
+    """(t, t_prev) pairs from T down to 0 in `steps` evenly spaced jumps, the
+    "respacing" of Nichol & Dhariwal (§4.1: 250 steps of the 1000 trained)."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    ts = torch.linspace(T, 1, steps).round().long().tolist()
+    return list(zip(ts, ts[1:] + [0]))
+
+
+def predict_x0(xt, eps, ab_t):
+    """Invert Eq. 2 for x_0 given the predicted noise; clipped to the data range [-1, 1]."""
+    return ((xt - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)
+
+
+def ddpm_step(xt, eps, t: int, t_prev: int, alpha_bar, noise):
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2), on a respaced schedule:
+    x_{t_prev} ~ q(x_{t_prev} | x_t, x0_hat), the Gaussian posterior around the predicted x_0."""
+    ab_t, ab_prev = alpha_bar[t], alpha_bar[t_prev]
+    beta = 1 - ab_t / ab_prev                                           # beta of the jump t_prev -> t
+    x0 = predict_x0(xt, eps, ab_t)
+    mean = (ab_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab_prev) * xt) / (1 - ab_t)
+    if t_prev == 0:
+        return mean
+    var = beta * (1 - ab_prev) / (1 - ab_t)
+    return mean + var.sqrt() * noise
+
+
+def ddim_step(xt, eps, t: int, t_prev: int, alpha_bar, noise=None):
+    """Deterministic DDIM (Song et al. 2021, eta = 0): jump to t_prev along the predicted noise."""
+    ab_t, ab_prev = alpha_bar[t], alpha_bar[t_prev]
+    x0 = predict_x0(xt, eps, ab_t)
+    eps = (xt - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()                  # the noise consistent with the clipped x0
+    return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+
+
+SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
+
+
+def classifier_free_guidance(eps_cond, eps_uncond, scale: float):
+    """Ho & Salimans 2022: push the prediction away from the unconditional one (§2.2, §4.1)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+# ---------------------------------------------------------------------------
+# 6. The model: from a batch of interleaved sequences to the loss (§3)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """A padded batch of sequences, what the transformer sees (built by `Transfusion.collate`)."""
+    tokens: torch.Tensor   # (B, S) text token ids; PAD at patches and padding
+    img_id: torch.Tensor   # (B, S) index m of the image a patch belongs to, -1 elsewhere
+    valid: torch.Tensor    # (B, S) False at padding
+    pos: torch.Tensor      # (B, S) RoPE positions
+    images: torch.Tensor   # (M, C, H, W) the images as the model sees them (x_t)
+    t: torch.Tensor        # (M,) their diffusion timesteps
+    img_row: torch.Tensor  # (M,) the row of image m ...
+    img_col: torch.Tensor  # (M,) ... and the column of its first patch
+
+
+class Transfusion(nn.Module):
+
+    def __init__(self, cfg: TransfusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        # text in and out (§3: "embedding matrices")
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
+        self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
+        # images in and out (§3: linear layer or U-Net down/up blocks)
+        self.time_emb = TimestepEmbedder(D)
+        self.patches = LinearPatches(cfg) if cfg.patch_encoder == "linear" else UNetPatches(cfg)
+        self.patch_pos = nn.Parameter(torch.zeros(cfg.n_patches, D))   # where in the image (see docstring)
+        # the shared transformer
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(D, cfg.norm_eps)
+        cos, sin = rope_tables(D // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("alpha_bar", cosine_alpha_bar(cfg.T, cfg.cosine_s, cfg.max_beta), persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+        for block in self.blocks:  # GPT-2: scale the residual projections by depth
+            nn.init.normal_(block.attn.wo.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+            nn.init.normal_(block.mlp.w2.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+        # DiT: zero the layers that write the noise prediction and the U-Net's residual
+        # branches, so training starts from eps_hat = 0 (loss 1) and identity blocks
+        out = self.patches.proj_out if isinstance(self.patches, LinearPatches) else self.patches.conv_out
+        nn.init.zeros_(out.weight)
+        if isinstance(self.patches, UNetPatches):
+            for rb in (self.patches.down, self.patches.up):
+                nn.init.zeros_(rb.conv2.weight)
+        nn.init.normal_(self.patch_pos, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- sequences -> batch ----
+
+    def check_sequence(self, seq: Sequence[Segment]):
+        """Raise ValueError naming what is wrong with a user's sequence; nothing is truncated."""
+        cfg = self.cfg
+        if not isinstance(seq, (list, tuple)) or len(seq) == 0:
+            raise ValueError("a sequence must be a non-empty list of segments")
+        length = 0
+        for i, seg in enumerate(seq):
+            if not isinstance(seg, torch.Tensor):
+                raise ValueError(f"segment {i} is a {type(seg).__name__}, not a tensor")
+            if seg.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):  # text
+                if seg.dim() != 1 or seg.numel() == 0:
+                    raise ValueError(f"text segment {i} must be a non-empty 1-D tensor, got shape {tuple(seg.shape)}")
+                lo, hi = int(seg.min()), int(seg.max())
+                if lo < 0 or hi >= cfg.vocab_size:
+                    raise ValueError(f"text segment {i} has token id {lo if lo < 0 else hi} "
+                                     f"outside the vocabulary [0, {cfg.vocab_size})")
+                for name in ("pad_id", "boi_id", "eoi_id"):
+                    if (seg == getattr(cfg, name)).any():
+                        raise ValueError(f"text segment {i} contains {name[:-3].upper()}: BOI/EOI are added "
+                                         "around each image automatically and PAD is for batching")
+                length += seg.numel()
+            elif seg.is_floating_point():  # image
+                want = (cfg.channels, cfg.image_size, cfg.image_size)
+                if tuple(seg.shape) != want:
+                    raise ValueError(f"image segment {i} has shape {tuple(seg.shape)}, expected (C, H, W) = {want}")
+                length += cfg.n_patches + 2  # BOI, patches, EOI
+            else:
+                raise ValueError(f"segment {i} has dtype {seg.dtype}: use int64 for text, float for images")
+        if length > cfg.max_seq_len:
+            raise ValueError(f"sequence of {length} positions is longer than max_seq_len = {cfg.max_seq_len}")
+
+    def with_markers(self, seq: Sequence[Segment], t_clean: int = 1) -> list:
+        """User segments -> model items: BOI/EOI tokens put around each image, and each
+        image paired with its diffusion timestep (clean images: t = 1, see docstring)."""
+        items = []
+        for seg in seq:
+            if seg.is_floating_point():
+                items += [torch.tensor([self.cfg.boi_id]), (seg, t_clean), torch.tensor([self.cfg.eoi_id])]
+            else:
+                items.append(seg)
+        return items
+
+    def collate(self, rows: Sequence[list], start_pos: Optional[Sequence[int]] = None) -> Batch:
+        """Lists of items (token tensors and (image, t) pairs) -> one right-padded Batch.
+        Row b's positions start at start_pos[b] (0 unless continuing a KV cache)."""
+        cfg, N = self.cfg, self.cfg.n_patches
+        device = self.tok_emb.weight.device
+        tokens, img_id, pos, images, ts, img_row, img_col = [], [], [], [], [], [], []
+        for b, items in enumerate(rows):
+            tok, ids = [], []
+            for item in items:
+                if isinstance(item, tuple):  # an image: N patch positions
+                    img_row.append(b)
+                    img_col.append(len(tok))
+                    ids += [len(images)] * N
+                    tok += [cfg.pad_id] * N
+                    images.append(item[0])
+                    ts.append(item[1])
+                else:
+                    ids += [-1] * item.numel()
+                    tok += item.tolist()
+            p0 = start_pos[b] if start_pos is not None else 0
+            tokens.append(tok)
+            img_id.append(ids)
+            pos.append(list(range(p0, p0 + len(tok))))
+        S = max(1, max(len(tok) for tok in tokens))
+
+        def pad(rows_, value):
+            return torch.tensor([r + [value] * (S - len(r)) for r in rows_], device=device)  # (B, S)
+
+        img = (torch.stack(images).to(device) if images else
+               torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device))
+        return Batch(tokens=pad(tokens, cfg.pad_id), img_id=pad(img_id, -1),
+                     valid=pad([[True] * len(tok) for tok in tokens], False),
+                     pos=pad(pos, 0), images=img,
+                     t=torch.tensor(ts, dtype=torch.long, device=device),
+                     img_row=torch.tensor(img_row, dtype=torch.long, device=device),
+                     img_col=torch.tensor(img_col, dtype=torch.long, device=device))
+
+    # ---- the forward pass ----
+
+    def forward(self, batch: Batch, cache: Optional[KVCache] = None, commit: bool = True):
+        """One pass of the shared transformer over a batch of mixed sequences.
+        Returns text logits (B, S, V) and the predicted noise eps_hat of each image (M, C, H, W).
+        With a cache, the batch continues the cached rows; `commit` stores its keys/values."""
+        cfg, N = self.cfg, self.cfg.n_patches
+        B, S = batch.tokens.shape
+        M = batch.images.shape[0]
+        h = self.tok_emb(batch.tokens)                                  # (B, S, D)
+        if M:
+            # images: noisy x_t -> patch tokens with their timestep, written into the sequence
+            temb = self.time_emb(batch.t)                               # (M, D)
+            patch_tokens, skip = self.patches.encode(batch.images, temb)  # (M, N, D)
+            patch_tokens = patch_tokens + self.patch_pos                # (M, N, D)
+            rows = batch.img_row[:, None].expand(M, N).reshape(-1)      # (M*N,)
+            cols = (batch.img_col[:, None] + torch.arange(N, device=h.device)).reshape(-1)  # (M*N,)
+            h = h.index_put((rows, cols), patch_tokens.reshape(M * N, -1).to(h.dtype))
+        mask = transfusion_mask(batch.img_id, batch.valid)             # (B, S, S)
+        if cache is not None and len(cache):
+            # the cached prefix lies wholly before the new tokens: visible wherever it is valid
+            mask = torch.cat([cache.valid[:, None, :].expand(B, S, -1), mask], dim=2)  # (B, S, L+S)
+        mask = mask[:, None]                                            # (B, 1, S, L+S), shared by heads
+        cos, sin = self.rope_cos[batch.pos][:, None], self.rope_sin[batch.pos][:, None]  # (B, 1, S, Dh/2)
+        for i, block in enumerate(self.blocks):
+            h = block(h, cos, sin, mask, cache, i, commit)
+        if cache is not None and commit:
+            cache.valid = batch.valid if cache.valid is None else torch.cat([cache.valid, batch.valid], dim=1)
+        h = self.norm(h)
+        logits = self.lm_head(h)                                        # (B, S, V)
+        eps = None
+        if M:
+            eps = self.patches.decode(h[rows, cols].view(M, N, -1), temb, skip)  # (M, C, H, W)
+        return logits, eps
+
+    # ---- the training objective ----
+
+    def drop_condition(self, seqs, generator=None):
+        """Classifier-free guidance training: with probability cond_drop_prob, a sequence
+        that opens with a caption and then an image loses the caption (keeps BOS), so the
+        model also learns the unconditional p(image)."""
+        out = []
+        for seq in seqs:
+            r = torch.rand((), generator=generator).item()
+            opens_with_caption = (len(seq) > 1 and not seq[0].is_floating_point() and seq[1].is_floating_point()
+                                  and seq[0].numel() > 1 and int(seq[0][0]) == self.cfg.bos_id)
+            if opens_with_caption and r < self.cfg.cond_drop_prob:
+                seq = [seq[0][:1]] + list(seq[1:])
+            out.append(seq)
+        return out
+
+    def max_timesteps(self, seqs) -> List[int]:
+        """The noise cap t_max of every image, in order: image_first_max_t (500) for an image
+        that comes before any caption text (only BOS precedes it; §4.3.4, Table 8), else T."""
+        caps = []
+        for seq in seqs:
+            text_before = 0
+            for seg in seq:
+                if seg.is_floating_point():
+                    caps.append(self.cfg.image_first_max_t if text_before == 0 else self.cfg.T)
+                else:
+                    text_before += int((seg != self.cfg.bos_id).sum())
+        return caps
+
+    def loss(self, seqs: Sequence[Sequence[Segment]], generator: Optional[torch.Generator] = None):
+        """L = L_LM + lambda * L_DDPM (Eq. 4) on a batch of interleaved sequences of clean
+        images in [-1, 1]. Returns (total, lm, ddpm)."""
+        cfg = self.cfg
+        if len(seqs) == 0:
+            raise ValueError("empty batch")
+        for seq in seqs:
+            self.check_sequence(seq)
+        # the noise caps are read from the data as given: an image whose caption is dropped
+        # below is still a caption-first image, trained at every noise level
+        t_max = torch.tensor(self.max_timesteps(seqs), dtype=torch.float)
+        if self.training and cfg.cond_drop_prob > 0:
+            seqs = self.drop_condition(seqs, generator)
+        # Diffusion forward process, per image and before patchify (§3 "Training Objective"):
+        # each image draws its own t uniformly in 1..t_max and its own noise eps.
+        x0 = [seg for seq in seqs for seg in seq if seg.is_floating_point()]
+        device = self.tok_emb.weight.device
+        x0 = torch.stack(x0).to(device) if x0 else torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device)
+        t = 1 + (torch.rand(len(t_max), generator=generator) * t_max).long()  # (M,) uniform in 1..t_max
+        t_list, t = t.tolist(), t.to(device)
+        eps = torch.randn(x0.shape, generator=generator).to(device)
+        xt = add_noise(x0, t, eps, self.alpha_bar)                      # (M, C, H, W), Eq. 2
+        # Build the batch with the noisy images in place of the clean ones
+        rows, m = [], 0
+        for seq in seqs:
+            items = []
+            for item in self.with_markers(seq):
+                if isinstance(item, tuple):
+                    item = (xt[m], t_list[m])
+                    m += 1
+                items.append(item)
+            rows.append(items)
+        batch = self.collate(rows)
+        logits, eps_hat = self(batch)
+        return self.objective(batch, logits, eps_hat, eps)
+
+    def objective(self, batch: Batch, logits, eps_hat, eps):
+        """Eq. 4 from the model's outputs. LM loss per text token (Eq. 1): position i predicts
+        token i+1 where both are text; none where the input is BOI (footnote 8: the next
+        element is a patch) or padding. Diffusion loss per image (Eq. 3): the MSE over one
+        image's pixels, averaged over images."""
+        is_text = batch.valid & (batch.img_id < 0)                      # (B, S)
+        has_target = is_text[:, :-1] & is_text[:, 1:] & (batch.tokens[:, :-1] != self.cfg.boi_id)  # (B, S-1)
+        lm = (F.cross_entropy(logits[:, :-1][has_target].float(), batch.tokens[:, 1:][has_target])
+              if has_target.any() else torch.zeros((), device=logits.device))
+        if eps_hat is not None and eps_hat.shape[0]:
+            ddpm = (eps_hat.float() - eps).pow(2).mean(dim=(1, 2, 3)).mean()
+        else:
+            ddpm = torch.zeros((), device=logits.device)
+        return lm + self.cfg.lam * ddpm, lm, ddpm
+
+    # ---------------------------------------------------------------------------
+    # 7. The decoding loop (§3 "Inference")
+    # ---------------------------------------------------------------------------
+
+    def _run(self, history, new, cache, commit):
+        """Model outputs for the items `new[b]` appended to each row's `history[b]`.
+        Returns the logits at each row's last new position (B, V) and eps_hat for the
+        images in `new` (M, C, H, W), row by row. With a KV cache only `new` is computed;
+        without, every row is recomputed from its start: the slow reference that the
+        cache must match exactly."""
+        N = self.cfg.n_patches
+        length = [sum(N if isinstance(i, tuple) else i.numel() for i in items) for items in history]
+        new_len = [sum(N if isinstance(i, tuple) else i.numel() for i in items) for items in new]
+        if cache is not None:
+            batch = self.collate(new, start_pos=length)
+            logits, eps = self(batch, cache, commit)
+            last = torch.tensor([max(n - 1, 0) for n in new_len], device=logits.device)
+            return logits[torch.arange(len(new), device=logits.device), last], eps
+        batch = self.collate([h + n for h, n in zip(history, new)])
+        logits, eps = self(batch)
+        last = torch.tensor([max(l + n - 1, 0) for l, n in zip(length, new_len)], device=logits.device)
+        if eps is not None:  # keep the images of `new`: the last ones of each row
+            n_img = [sum(isinstance(i, tuple) for i in h + n) for h, n in zip(history, new)]
+            keep = [sum(n_img[:b]) + k for b, items in enumerate(new)
+                    for k in range(n_img[b] - sum(isinstance(i, tuple) for i in items), n_img[b])]
+            eps = eps[keep]
+        return logits[torch.arange(len(new), device=logits.device), last], eps
+
+    def _sample_token(self, logits, temperature, top_k, generator):
+        """LM mode: greedy (the paper's choice for text, §4.1) or temperature / top-k sampling."""
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits, dim=-1).cpu()
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[Segment]], *, max_new_tokens: int = 32,
+                 steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 3.0,
+                 temperature: float = 0.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True, on_step=None):
+        """Continue each prompt, switching between text and images by itself (§3 "Inference").
+
+        LM mode: sample the next token. When a row samples BOI it switches to diffusion
+        mode: N patches of pure noise x_T are appended and denoised for `steps` steps;
+        each step's x_{t_prev} overwrites x_t (the model only ever sees the current noisy
+        image), with classifier-free guidance against the image with no text before it.
+        Then the clean image and EOI enter the sequence and the row goes back to text,
+        until EOS, `max_new_tokens` text tokens, or no room for another token (a BOI with
+        no room left for the whole image also ends the row: nothing is left half-done).
+        Rows take their own paths: one may draw while another writes or has ended.
+
+        Returns, for each prompt, the prompt followed by what was generated, as segments
+        (token tensors without BOI/EOI, images (C, H, W) in [-1, 1]). `on_step(t_prev, x)`,
+        if given, sees the images after each denoising step (for pictures).
+        """
+        cfg, N = self.cfg, self.cfg.n_patches
+        if len(prompts) == 0:
+            raise ValueError("empty batch of prompts")
+        for p in prompts:
+            self.check_sequence(p)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, not {sampler!r}")
+        schedule = sampling_timesteps(cfg.T, steps)
+        device = self.tok_emb.weight.device
+        B = len(prompts)
+        out = [list(p) for p in prompts]                     # what we return
+        history = [self.with_markers(p) for p in prompts]    # what the model has seen, as items
+        length = [sum(N if isinstance(i, tuple) else i.numel() for i in h) for h in history]
+        text = [[] for _ in range(B)]                        # text generated since the last segment
+        n_new = [0] * B
+        state = ["text"] * B                                 # "text", "image" (waiting to draw), "done"
+        cache = KVCache() if use_cache else None
+        logits, _ = self._run([[] for _ in range(B)], history, cache, commit=True)  # prefill
+
+        def close_text(b):
+            if text[b]:
+                t_ = torch.tensor(text[b])
+                if out[b] and not out[b][-1].is_floating_point():
+                    out[b][-1] = torch.cat([out[b][-1], t_])
+                else:
+                    out[b].append(t_)
+                text[b] = []
+
+        while any(s != "done" for s in state):
+            # LM mode: every row in text mode samples one token
+            if "text" in state:
+                tok = self._sample_token(logits, temperature, top_k, generator).tolist()
+                new = [[] for _ in range(B)]
+                for b in range(B):
+                    if state[b] != "text":
+                        continue
+                    if n_new[b] >= max_new_tokens or length[b] >= cfg.max_seq_len:
+                        state[b] = "done"
+                    elif tok[b] == cfg.boi_id:
+                        # room for BOI, N patches, EOI? else end here rather than half an image
+                        state[b] = "image" if length[b] + N + 2 <= cfg.max_seq_len else "done"
+                    elif tok[b] == cfg.eos_id:
+                        text[b].append(tok[b])
+                        state[b] = "done"
+                    elif tok[b] in (cfg.pad_id, cfg.eoi_id):  # never trained on: treat as the end
+                        state[b] = "done"
+                    else:
+                        text[b].append(tok[b])
+                    if state[b] in ("text", "image"):
+                        new[b] = [torch.tensor([tok[b]])]
+                        n_new[b] += 1
+                    if state[b] != "text":
+                        close_text(b)
+                if any(new):
+                    logits, _ = self._run(history, new, cache, commit=True)
+                    for b in range(B):
+                        history[b] += new[b]
+                        length[b] += len(new[b])
+                continue
+            # Diffusion mode: once no row is writing, the rows that opened an image draw it
+            rows = [b for b in range(B) if state[b] == "image"]
+            x = torch.randn(len(rows), cfg.channels, cfg.image_size, cfg.image_size, generator=generator).to(device)
+            uncond_cache = KVCache() if use_cache else None
+            uncond_history = [[torch.tensor([cfg.bos_id, cfg.boi_id])] if b in rows else [] for b in range(B)]
+            if use_cache and cfg_scale != 1:
+                self._run([[] for _ in range(B)], uncond_history, uncond_cache, commit=True)
+            for t, t_prev in schedule:
+                new = [[] for _ in range(B)]
+                for i, b in enumerate(rows):
+                    new[b] = [(x[i], t)]
+                _, eps = self._run(history, new, cache, commit=False)
+                if cfg_scale != 1:
+                    _, eps_uncond = self._run(uncond_history, new, uncond_cache, commit=False)
+                    eps = classifier_free_guidance(eps, eps_uncond, cfg_scale)
+                noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
+                x = SAMPLERS[sampler](x, eps, t, t_prev, self.alpha_bar, noise)  # overwrites x_t
+                if on_step is not None:
+                    on_step(t_prev, x)
+            # the finished image and EOI join the sequence; back to LM mode
+            x = x.clamp(-1, 1)
+            new = [[] for _ in range(B)]
+            for i, b in enumerate(rows):
+                new[b] = [(x[i], 1), torch.tensor([cfg.eoi_id])]
+                out[b].append(x[i].cpu())
+                state[b] = "text"
+            logits, _ = self._run(history, new, cache, commit=True)
+            for b in rows:
+                history[b] += new[b]
+                length[b] += N + 1
+        return out
