@@ -1,0 +1,471 @@
+"""Tests of Transfusion's method, one property each (pytest, CPU, seeded, < 1 minute).
+
+Run: pytest -q
+"""
+import math
+import os
+import struct
+
+import pytest
+import torch
+
+from transfusion import (Transfusion, TransfusionConfig, add_noise, classifier_free_guidance, cosine_alpha_bar,
+                         ddim_step, ddpm_step, patchify, sampling_timesteps, transfusion_mask, unpatchify)
+
+BOS, BOI, EOI, EOS, PAD = 11, 12, 13, 14, 10
+
+
+def tiny_config(**kw):
+    base = dict(d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, image_size=4, patch_size=2,
+                channels=1, max_seq_len=40, unet_channels=8)
+    base.update(kw)
+    return TransfusionConfig(**base)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Transfusion(tiny_config(**kw))
+    with torch.no_grad():  # wake the zero-initialised output layers, so every path carries signal
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def image(seed, size=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, size, size, generator=g) * 2 - 1
+
+
+def text(*ids):
+    return torch.tensor(ids)
+
+
+def forward(model, seqs):
+    return model(model.collate([model.with_markers(s) for s in seqs]))
+
+
+# ---- the attention mask (§3 "Transfusion Attention", Fig. 4) ----
+
+# BOS BOI p p p p EOI 7 BOI p p p p EOI: text, image, text, image; 1 = may attend
+FIG4 = """
+1 . . . . . . . . . . . . .
+1 1 . . . . . . . . . . . .
+1 1 1 1 1 1 . . . . . . . .
+1 1 1 1 1 1 . . . . . . . .
+1 1 1 1 1 1 . . . . . . . .
+1 1 1 1 1 1 . . . . . . . .
+1 1 1 1 1 1 1 . . . . . . .
+1 1 1 1 1 1 1 1 . . . . . .
+1 1 1 1 1 1 1 1 1 . . . . .
+1 1 1 1 1 1 1 1 1 1 1 1 1 .
+1 1 1 1 1 1 1 1 1 1 1 1 1 .
+1 1 1 1 1 1 1 1 1 1 1 1 1 .
+1 1 1 1 1 1 1 1 1 1 1 1 1 .
+1 1 1 1 1 1 1 1 1 1 1 1 1 1
+"""
+
+
+def test_mask_matches_hand_written_figure_4():
+    model = tiny_model()
+    batch = model.collate([model.with_markers([text(BOS), image(0), text(7), image(1)])])
+    assert batch.tokens[0].tolist() == [BOS, BOI, PAD, PAD, PAD, PAD, EOI, 7, BOI, PAD, PAD, PAD, PAD, EOI]
+    expected = torch.tensor([[c == "1" for c in row.split()] for row in FIG4.strip().splitlines()])
+    assert torch.equal(transfusion_mask(batch.img_id, batch.valid)[0], expected)
+
+
+def test_mask_never_attends_to_padding():
+    model = tiny_model()
+    batch = model.collate([model.with_markers([text(BOS, 3), image(0), text(EOS)]), [text(BOS, 4)]])
+    mask = transfusion_mask(batch.img_id, batch.valid)
+    real_queries = batch.valid[1]
+    assert not mask[1][real_queries][:, ~batch.valid[1]].any()
+    assert mask.any(-1).all()  # every row (padding included) has a key, so softmax is defined
+
+
+# ---- what each output may depend on ----
+
+def test_changing_a_later_text_token_leaves_earlier_outputs_unchanged():
+    model = tiny_model()
+    a = [text(BOS, 3), image(0), text(5, 6, EOS)]
+    b = [text(BOS, 3), image(0), text(5, 9, EOS)]
+    (la, ea), (lb, eb) = forward(model, [a]), forward(model, [b])
+    i = 1 + 1 + 4 + 1 + 1   # index of the changed token (after BOS 3 BOI p p p p EOI 5)
+    assert torch.allclose(la[:, :i], lb[:, :i], atol=1e-6)
+    assert torch.allclose(ea, eb, atol=1e-6)           # the image came before: untouched
+    assert not torch.allclose(la[:, i:], lb[:, i:])    # the token itself and later ones see it
+
+
+def test_one_patch_reaches_its_own_image_but_nothing_before_it():
+    model = tiny_model()
+    x2 = image(2)
+    y2 = x2.clone()
+    y2[:, :2, :2] += 0.5                               # the top-left patch of the second image
+    a = [text(BOS, 3), image(1), text(4), x2]
+    b = [text(BOS, 3), image(1), text(4), y2]
+    (la, ea), (lb, eb) = forward(model, [a]), forward(model, [b])
+    start = 2 + 1 + 4 + 1 + 1 + 1                      # first patch of the second image
+    assert torch.allclose(la[:, :start], lb[:, :start], atol=1e-6)   # nothing before the image moves
+    assert torch.allclose(ea[0], eb[0], atol=1e-6)     # the first image's noise prediction neither
+    pa, pb = patchify(ea[1:], 2)[0], patchify(eb[1:], 2)[0]          # (N, P*P) per patch
+    assert not torch.allclose(pa[1:], pb[1:], atol=1e-4)             # its other patches do (bidirectional)
+
+
+def test_image_is_causal_across_images_but_bidirectional_inside():
+    """Sanity check of the contrast in §4.3.1: the last patch also reaches the first one."""
+    model = tiny_model()
+    x = image(3)
+    y = x.clone()
+    y[:, 2:, 2:] -= 0.5                                 # the last patch in raster order
+    _, ea = forward(model, [[text(BOS), x]])
+    _, eb = forward(model, [[text(BOS), y]])
+    assert not torch.allclose(patchify(ea, 2)[0, 0], patchify(eb, 2)[0, 0], atol=1e-4)
+
+
+def test_rope_outputs_depend_only_on_relative_positions():
+    model = tiny_model()
+    items = model.with_markers([text(BOS, 3), image(0), text(EOS)])
+    l0, e0 = model(model.collate([items]))
+    l5, e5 = model(model.collate([items], start_pos=[5]))
+    assert torch.allclose(l0, l5, atol=1e-5) and torch.allclose(e0, e5, atol=1e-5)
+
+
+# ---- patches ----
+
+def test_patchify_is_raster_order_and_unpatchify_inverts_it():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).view(2, 3, 4, 4)
+    p = patchify(x, 2)                                  # (2, 4, 12)
+    assert p.shape == (2, 4, 12)
+    assert torch.equal(p[0, 1].view(3, 2, 2), x[0, :, 0:2, 2:4])   # second patch: top-right
+    assert torch.equal(p[0, 2].view(3, 2, 2), x[0, :, 2:4, 0:2])   # third: bottom-left
+    assert torch.equal(unpatchify(p, 2, 3), x)
+
+
+# ---- diffusion (§2.2) ----
+
+def test_cosine_schedule_matches_closed_form_and_is_monotone():
+    T, s = 1000, 0.008
+    ab = cosine_alpha_bar(T, s, 0.999)
+    assert ab.shape == (T + 1,) and ab[0] == 1
+    assert (ab[1:] < ab[:-1]).all()                     # more noise at every step
+    assert ab[1] > 0.9999 and ab[T] < 1e-4
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    for t in (1, 250, 500, 900):                        # beta is not clipped here
+        assert abs(ab[t].item() - f(t) / f(0)) < 1e-5
+
+
+def test_add_noise_is_equation_2():
+    ab = cosine_alpha_bar(1000)
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([1, 500, 1000])
+    xt = add_noise(x0, t, eps, ab)
+    for i in range(3):
+        assert torch.allclose(xt[i], ab[t[i]].sqrt() * x0[i] + (1 - ab[t[i]]).sqrt() * eps[i])
+
+
+@pytest.mark.parametrize("step", [ddpm_step, ddim_step])
+def test_samplers_recover_x0_given_the_true_noise(step):
+    """With an oracle eps-predictor every sampler must land exactly on the data."""
+    ab = cosine_alpha_bar(1000)
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(x0.shape, generator=g)
+    for t, t_prev in sampling_timesteps(1000, 50):
+        eps = (x - ab[t].sqrt() * x0) / (1 - ab[t]).sqrt()
+        x = step(x, eps, t, t_prev, ab, torch.randn(x0.shape, generator=g))
+    assert torch.allclose(x, x0, atol=1e-4)
+
+
+def test_sampling_timesteps_respace_1000_to_250():
+    pairs = sampling_timesteps(1000, 250)
+    assert len(pairs) == 250 and pairs[0][0] == 1000 and pairs[-1] == (1, 0)
+    assert all(t > tp for t, tp in pairs) and all(pairs[i][1] == pairs[i + 1][0] for i in range(249))
+
+
+def test_cfg_scale_1_is_conditional_and_0_unconditional():
+    c, u = torch.randn(5), torch.randn(5)
+    assert torch.equal(classifier_free_guidance(c, u, 1.0), c)
+    assert torch.equal(classifier_free_guidance(c, u, 0.0), u)
+    assert torch.allclose(classifier_free_guidance(c, u, 3.0), c + 2 * (c - u))
+
+
+# ---- the training objective (§3, Eq. 4) ----
+
+def test_no_lm_loss_at_boi_patches_or_padding():
+    model = tiny_model()
+    seqs = [model.with_markers([text(BOS, 3), image(0), text(5, EOS)]), model.with_markers([text(BOS, 4)])]
+    batch = model.collate(seqs)
+    logits, eps_hat = model(batch)
+    eps = torch.randn_like(eps_hat)
+    base = model.objective(batch, logits, eps_hat, eps)[1]
+    no_loss_inputs = (batch.tokens == BOI) | ~batch.valid | (batch.img_id >= 0)
+    noisy = logits + 10 * torch.randn_like(logits) * no_loss_inputs[..., None]
+    assert torch.allclose(model.objective(batch, noisy, eps_hat, eps)[1], base)
+    # ... and the targets there (patch and padding ids) are never read
+    batch.tokens = batch.tokens.masked_fill((batch.img_id >= 0) | ~batch.valid, 7)
+    assert torch.allclose(model.objective(batch, logits, eps_hat, eps)[1], base)
+    # while a text input does carry LM loss (here: EOI predicting 5)
+    at_eoi = (batch.tokens == EOI)[..., None]
+    assert not torch.allclose(model.objective(batch, logits + 10 * at_eoi * torch.randn_like(logits),
+                                              eps_hat, eps)[1], base)
+
+
+def test_lm_loss_trains_the_model_to_open_images():
+    """The token before BOI is a text input, so BOI is a target: the model learns to emit it."""
+    model = tiny_model()
+    batch = model.collate([model.with_markers([text(BOS, 3), image(0)])])
+    logits, eps_hat = model(batch)
+    boost = torch.zeros_like(logits)
+    boost[0, 1, BOI] = 50.0                            # input "3" predicting BOI
+    lm = model.objective(batch, logits, eps_hat, torch.zeros_like(eps_hat))[1]
+    assert model.objective(batch, logits + boost, eps_hat, torch.zeros_like(eps_hat))[1] < lm
+
+
+def test_diffusion_loss_is_a_mean_over_images_of_per_image_mse():
+    model = tiny_model()
+    seqs = [model.with_markers([text(BOS, 1), image(0), text(2), image(1)]),
+            model.with_markers([text(BOS, 3), image(2)])]
+    batch = model.collate(seqs)
+    logits, eps_hat = model(batch)
+    eps = eps_hat.detach() + torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1)   # image m is off by m+1
+    ddpm = model.objective(batch, logits, eps_hat, eps)[2]
+    assert torch.allclose(ddpm, torch.tensor((1 + 4 + 9) / 3))  # each image weighs the same
+
+
+def test_total_loss_is_lm_plus_lambda_ddpm():
+    model = tiny_model(lam=5.0)
+    total, lm, ddpm = model.loss([[text(BOS, 3), image(0), text(EOS)]], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(total, lm + 5.0 * ddpm)
+
+
+def test_images_before_their_caption_are_capped_at_t_500():
+    model = tiny_model()
+    seqs = [[text(BOS), image(0), text(3, EOS)],                   # image first
+            [text(BOS, 3), image(1), text(EOS)],                   # caption first
+            [text(BOS), image(2), text(4), image(3), text(EOS)]]   # first capped, second not
+    assert model.max_timesteps(seqs) == [500, 1000, 500, 1000]
+
+
+def test_a_dropped_caption_does_not_cap_the_noise(monkeypatch):
+    """Unconditional examples must cover t up to T, or guidance has no unconditional
+    prediction at high noise."""
+    import transfusion
+    model = tiny_model(cond_drop_prob=1.0).train()
+    seen = []
+    real = transfusion.add_noise
+    monkeypatch.setattr(transfusion, "add_noise", lambda x0, t, eps, ab: seen.append(t) or real(x0, t, eps, ab))
+    model.loss([[text(BOS, 3), image(0), text(EOS)]] * 64, generator=torch.Generator().manual_seed(0))
+    assert seen[0].max() > 500
+
+
+def test_condition_dropout_removes_the_caption_only():
+    model = tiny_model(cond_drop_prob=1.0)
+    x = image(0)
+    dropped = model.drop_condition([[text(BOS, 3), x, text(EOS)], [text(BOS), x, text(3, EOS)]])
+    assert dropped[0][0].tolist() == [BOS] and dropped[0][1] is x
+    assert dropped[1][0].tolist() == [BOS] and dropped[1][2].tolist() == [3, EOS]
+    keep = TransfusionConfig(**{**model.cfg.__dict__, "cond_drop_prob": 0.0})
+    assert Transfusion(keep).drop_condition([[text(BOS, 3), x]])[0][0].tolist() == [BOS, 3]
+
+
+# ---- learning and decoding (§3 "Inference") ----
+
+@pytest.fixture(scope="module")
+def trained_tiny():
+    """A tiny model overfit to two sequences: "3" draws one image, BOS <image> is captioned "5"."""
+    torch.manual_seed(0)
+    model = Transfusion(tiny_config(cond_drop_prob=0.0))
+    seqs = [[text(BOS, 3), image(7), text(EOS)], [text(BOS), image(8), text(5, EOS)]]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    first = None
+    for i in range(150):
+        total, lm, ddpm = model.loss(seqs * 8, generator=g)
+        first = first or (lm.item(), ddpm.item())
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    return model.eval(), first, (lm.item(), ddpm.item())
+
+
+def test_tiny_model_overfits_a_tiny_batch(trained_tiny):
+    _, (lm0, ddpm0), (lm1, ddpm1) = trained_tiny
+    # 2 of the 6 text targets follow BOS, which is "3" or BOI half the time each:
+    # ln(2) nats there is all a perfect model can do, a mean of ln(2)/3 per target
+    floor = math.log(2) / 3
+    assert lm0 > 2.0 and lm1 < floor + 0.03 and ddpm1 < 0.5 * ddpm0
+
+
+def test_generate_opens_an_image_of_n_patches_then_eoi(trained_tiny):
+    model, _, _ = trained_tiny
+    out = model.generate([[text(BOS, 3)], [text(BOS), image(8)]], steps=20, generator=torch.Generator().manual_seed(0))
+    seq = out[0]
+    assert [s.tolist() if not s.is_floating_point() else tuple(s.shape) for s in seq] == [[BOS, 3], (1, 4, 4), [EOS]]
+    stream = model.collate([model.with_markers(seq)])
+    assert stream.tokens[0, :3].tolist() == [BOS, 3, BOI]
+    assert (stream.img_id[0, 3:7] == 0).all() and stream.tokens[0, 7:].tolist() == [EOI, EOS]   # N = 4
+    assert seq[1].abs().max() <= 1
+    assert out[1][-1].tolist() == [5, EOS]            # the image prompt gets its caption
+
+
+def test_generated_image_resembles_the_training_image(trained_tiny):
+    model, _, _ = trained_tiny
+    img = model.generate([[text(BOS, 3)]], steps=50, cfg_scale=1.0, generator=torch.Generator().manual_seed(1))[0][1]
+    assert (img - image(7)).pow(2).mean() < 0.5 * (image(8) - image(7)).pow(2).mean()
+
+
+@pytest.mark.parametrize("encoder", ["linear", "unet"])
+def test_kv_cached_decoding_equals_full_recomputation(encoder):
+    model = tiny_model(patch_encoder=encoder)
+    prompts = [[text(BOS, 3)], [text(BOS), image(5)], [text(BOS, 2, 6)]]
+    kw = dict(steps=8, max_new_tokens=6, temperature=1.0, cfg_scale=2.0)
+    fast = model.generate(prompts, generator=torch.Generator().manual_seed(0), **kw)
+    slow = model.generate(prompts, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
+    assert any(s.is_floating_point() for seq in fast for s in seq[1:])   # an image was drawn
+    for a, b in zip(fast, slow):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert torch.allclose(x.float(), y.float(), atol=1e-4)
+
+
+def test_kv_cache_logits_match_a_full_forward():
+    from transfusion import KVCache
+    model = tiny_model()
+    items = model.with_markers([text(BOS, 3), image(0), text(5, 6)])
+    full, _ = model(model.collate([items]))
+    cache = KVCache()
+    model(model.collate([items[:2]]), cache)            # BOS 3 | BOI
+    step, _ = model(model.collate([items[2:4]], start_pos=[3]), cache)   # ... BOI, then patches + EOI
+    last, _ = model(model.collate([items[4:]], start_pos=[3 + 4 + 1]), cache)   # ... then 5 6
+    assert torch.allclose(step[0], full[0, 3:8], atol=1e-5)
+    assert torch.allclose(last[0], full[0, 8:], atol=1e-5)
+
+
+def force_next_token(model, rule):
+    """Rig the LM head: the token after input a is rule[a] (EOS otherwise); images untouched."""
+    forward_ = model.forward
+
+    def rigged(batch, cache=None, commit=True):
+        logits, eps = forward_(batch, cache, commit)
+        nxt = torch.full_like(batch.tokens, EOS)
+        for a, b in rule.items():
+            nxt[batch.tokens == a] = b
+        return torch.full_like(logits, -1e4).scatter(-1, nxt[..., None], 0.0), eps
+
+    model.forward = rigged
+
+
+def test_each_row_takes_its_own_path():
+    model = tiny_model()
+    force_next_token(model, {3: BOI, 4: EOS})          # "3" opens an image, "4" ends the text
+    out = model.generate([[text(BOS, 3)], [text(BOS, 4)]], steps=4)
+    assert [s.is_floating_point() for s in out[0]] == [False, True, False] and out[0][-1].tolist() == [EOS]
+    assert len(out[1]) == 1 and out[1][0].tolist() == [BOS, 4, EOS]
+
+
+def test_boi_without_room_for_the_image_ends_the_row():
+    model = tiny_model(max_seq_len=6)                  # BOS 3 BOI + 4 patches + EOI = 8 > 6
+    force_next_token(model, {3: BOI})
+    out = model.generate([[text(BOS, 3)]], steps=2)
+    assert len(out[0]) == 1 and out[0][0].tolist() == [BOS, 3]   # no half image, no dangling BOI
+
+
+# ---- bad input gets a clear error ----
+
+@pytest.mark.parametrize("seq, message", [
+    ([text(BOS), torch.rand(1, 5, 5)], "shape"),
+    ([text(BOS), torch.rand(3, 4, 4)], "shape"),
+    ([text(BOS), torch.rand(4, 4)], "shape"),
+    ([text(BOS, 15)], "outside the vocabulary"),
+    ([text(BOS, -1)], "outside the vocabulary"),
+    ([text(BOS, BOI)], "BOI"),
+    ([text(*([BOS] * 41))], "longer than max_seq_len"),
+    ([text(BOS)] + [image(0)] * 7, "longer than max_seq_len"),
+    ([], "non-empty"),
+    ([text(BOS), [1, 2]], "not a tensor"),
+    ([torch.tensor([[BOS]])], "1-D"),
+    ([torch.tensor([True])], "dtype"),
+])
+def test_bad_input_raises_value_error(seq, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model.loss([seq])
+    with pytest.raises(ValueError, match=message):
+        model.generate([seq], steps=2)
+
+
+def test_empty_batch_raises():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="empty"):
+        model.loss([])
+    with pytest.raises(ValueError, match="empty"):
+        model.generate([])
+
+
+def test_bad_config_and_sampler_arguments_raise():
+    with pytest.raises(ValueError, match="patch_size"):
+        TransfusionConfig(image_size=28, patch_size=5)
+    model = tiny_model()
+    with pytest.raises(ValueError, match="sampler"):
+        model.generate([[text(BOS)]], sampler="euler")
+    with pytest.raises(ValueError, match="steps"):
+        model.generate([[text(BOS)]], steps=0)
+
+
+# ---- train_mnist.py on a synthetic stand-in for MNIST ----
+
+def write_fake_mnist(root, n_train=200, n_test=50):
+    """Tiny MNIST in torchvision's raw layout: digit d is a bright bar at row 2 + 2d."""
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        imgs = (torch.rand(n, 28, 28, generator=g) * 40).to(torch.uint8)
+        for i, d in enumerate(labels.tolist()):
+            imgs[i, 2 + 2 * d:4 + 2 * d, 4:24] = 255
+        with open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + imgs.numpy().tobytes())
+        with open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
+
+
+def test_train_script_end_to_end_on_synthetic_digits(tmp_path):
+    import train_mnist as tm
+    write_fake_mnist(str(tmp_path / "data"))
+    out = tmp_path / "out"
+    rc = tm.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--steps", "4", "--batch-size", "8",
+                  "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--ffn-hidden", "64",
+                  "--unet-channels", "8", "--sample-steps", "3", "--eval-per-label", "2", "--eval-captions", "20",
+                  "--referee-epochs", "1", "--max-images", "2", "--log-every", "0"])
+    assert rc == 0
+    for name in ("ckpt.pt", "samples.png", "captions.png", "denoise.png", "loss.png", "mask.png", "referee.pt"):
+        assert (out / name).stat().st_size > 0, name
+    model = tm.load_checkpoint(str(out / "ckpt.pt"))
+    assert model.cfg.image_size == 28 and not model.training
+    digits = tm.generate_digits(model, torch.tensor([3, 7]), steps=2)
+    assert digits.shape == (2, 1, 28, 28) and digits.min() >= 0 and digits.max() <= 1
+    caps = tm.caption_digits(model, digits)
+    assert caps.shape == (2,) and caps.dtype == torch.long and ((caps >= -1) & (caps <= 9)).all()
+
+
+def test_train_script_missing_data_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import train_mnist as tm
+    import torchvision.datasets.mnist as tvm
+    monkeypatch.setattr(tvm.MNIST, "download", lambda self: (_ for _ in ()).throw(RuntimeError("offline")))
+    rc = tm.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "train-images-idx3-ubyte" in err and "Traceback" not in err
+
+
+def test_training_sequences_follow_the_paper_mix():
+    import train_mnist as tm
+    g = torch.Generator().manual_seed(0)
+    imgs, labels = torch.zeros(2000, 1, 28, 28), torch.arange(2000) % 10
+    seqs = tm.make_sequences(imgs, labels, g)
+    caption_first = sum(not s[1].is_floating_point() or s[0].numel() == 2 for s in seqs) / len(seqs)
+    assert 0.77 < caption_first < 0.83                 # §4.1: caption first 80% of the time
+    s = seqs[0]
+    assert s[0][0] == tm.BOS and s[-1][-1] == tm.EOS
+    multi = tm.make_sequences(imgs[:300], labels[:300], g, max_images=3)
+    assert max(sum(x.is_floating_point() for x in s) for s in multi) == 3
