@@ -183,8 +183,8 @@ def test_sampling_timesteps_respace_1000_to_250():
 
 def test_cfg_scale_1_is_conditional_and_0_unconditional():
     c, u = torch.randn(5), torch.randn(5)
-    assert torch.equal(classifier_free_guidance(c, u, 1.0), c)
-    assert torch.equal(classifier_free_guidance(c, u, 0.0), u)
+    assert torch.allclose(classifier_free_guidance(c, u, 1.0), c, atol=1e-6)   # up to rounding
+    assert torch.allclose(classifier_free_guidance(c, u, 0.0), u, atol=1e-6)
     assert torch.allclose(classifier_free_guidance(c, u, 3.0), c + 2 * (c - u))
 
 
@@ -379,6 +379,7 @@ def test_boi_without_room_for_the_image_ends_the_row():
     ([text(BOS, 15)], "outside the vocabulary"),
     ([text(BOS, -1)], "outside the vocabulary"),
     ([text(BOS, BOI)], "BOI"),
+    ([text(BOS, 3), image(0), text(PAD)], "PAD"),
     ([text(*([BOS] * 41))], "longer than max_seq_len"),
     ([text(BOS)] + [image(0)] * 7, "longer than max_seq_len"),
     ([], "non-empty"),

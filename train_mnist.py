@@ -446,17 +446,16 @@ def evaluate(model, args, log=print):
     labels = torch.arange(10).repeat_interleave(args.eval_per_label)
     fake = generate_digits(model, labels)
     gen_acc = float((batched(referee, fake).argmax(1) == labels).float().mean())
-    # Frechet distance on referee features: generated vs real test digits, as many
-    # and with the same labels; and real vs real (train digits) as the floor
-    per = args.eval_per_label
-    real_idx = torch.cat([(test_y == d).nonzero().flatten()[:per] for d in range(10)])
+    # Frechet distance on referee features: the generated digits against all 10,000 test
+    # digits; the floor is as many real training digits (random, same labels) scored alike
+    # (MNIST's files are not in random order: their first digits come from other writers)
     train_u8, train_y = load_mnist(args.data_dir, train=True)
-    real2_idx = torch.cat([(train_y == d).nonzero().flatten()[:per] for d in range(10)])
-    f_fake = batched(referee.features, fake)
-    f_real = batched(referee.features, test_x[real_idx])
-    f_real2 = batched(referee.features, train_u8[real2_idx].float().div(255).unsqueeze(1))
-    fd = frechet_distance(f_fake, f_real)
-    fd_real = frechet_distance(f_real2, f_real)
+    g = torch.Generator().manual_seed(0)
+    real_idx = torch.cat([(train_y == d).nonzero().flatten()[torch.randperm(int((train_y == d).sum()), generator=g)]
+                          [:args.eval_per_label] for d in range(10)])
+    f_test = batched(referee.features, test_x)
+    fd = frechet_distance(batched(referee.features, fake), f_test)
+    fd_real = frechet_distance(batched(referee.features, train_u8[real_idx].float().div(255).unsqueeze(1)), f_test)
     log(f"label->image: {gen_acc:.2%} of {len(labels)} generated digits read as their label; "
         f"Frechet distance {fd:.1f} (real vs real: {fd_real:.1f}) ({time.time() - t0:.0f} s)")
 

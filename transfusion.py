@@ -111,7 +111,8 @@ class TransfusionConfig:
 # ---------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * g (Zhang & Sennrich 2019), Llama's norm."""
+    """Llama's norm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * g.
+    F.rms_norm computes exactly that in one fused kernel."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -119,7 +120,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -445,11 +446,13 @@ class Transfusion(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif p.dim() >= 2:
-                nn.init.normal_(p, std=0.02)
+        # GPT-2/Llama init for the transformer's linear layers and embeddings; the U-Net's
+        # convs keep PyTorch's fan-in-scaled default, as in the DDPM U-Net
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, std=0.02)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
         for block in self.blocks:  # GPT-2: scale the residual projections by depth
             nn.init.normal_(block.attn.wo.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
             nn.init.normal_(block.mlp.w2.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
@@ -457,6 +460,7 @@ class Transfusion(nn.Module):
         # branches, so training starts from eps_hat = 0 (loss 1) and identity blocks
         out = self.patches.proj_out if isinstance(self.patches, LinearPatches) else self.patches.conv_out
         nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
         if isinstance(self.patches, UNetPatches):
             for rb in (self.patches.down, self.patches.up):
                 nn.init.zeros_(rb.conv2.weight)
@@ -467,36 +471,45 @@ class Transfusion(nn.Module):
 
     # ---- sequences -> batch ----
 
-    def check_sequence(self, seq: Sequence[Segment]):
-        """Raise ValueError naming what is wrong with a user's sequence; nothing is truncated."""
+    def check_batch(self, seqs: Sequence[Sequence[Segment]]):
+        """Raise ValueError naming what is wrong with a batch of sequences; nothing is
+        truncated. The token ids of the whole batch are checked at once (fast)."""
         cfg = self.cfg
-        if not isinstance(seq, (list, tuple)) or len(seq) == 0:
-            raise ValueError("a sequence must be a non-empty list of segments")
-        length = 0
-        for i, seg in enumerate(seq):
-            if not isinstance(seg, torch.Tensor):
-                raise ValueError(f"segment {i} is a {type(seg).__name__}, not a tensor")
-            if seg.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):  # text
-                if seg.dim() != 1 or seg.numel() == 0:
-                    raise ValueError(f"text segment {i} must be a non-empty 1-D tensor, got shape {tuple(seg.shape)}")
-                lo, hi = int(seg.min()), int(seg.max())
-                if lo < 0 or hi >= cfg.vocab_size:
-                    raise ValueError(f"text segment {i} has token id {lo if lo < 0 else hi} "
-                                     f"outside the vocabulary [0, {cfg.vocab_size})")
-                for name in ("pad_id", "boi_id", "eoi_id"):
-                    if (seg == getattr(cfg, name)).any():
-                        raise ValueError(f"text segment {i} contains {name[:-3].upper()}: BOI/EOI are added "
-                                         "around each image automatically and PAD is for batching")
-                length += seg.numel()
-            elif seg.is_floating_point():  # image
-                want = (cfg.channels, cfg.image_size, cfg.image_size)
-                if tuple(seg.shape) != want:
-                    raise ValueError(f"image segment {i} has shape {tuple(seg.shape)}, expected (C, H, W) = {want}")
-                length += cfg.n_patches + 2  # BOI, patches, EOI
-            else:
-                raise ValueError(f"segment {i} has dtype {seg.dtype}: use int64 for text, float for images")
-        if length > cfg.max_seq_len:
-            raise ValueError(f"sequence of {length} positions is longer than max_seq_len = {cfg.max_seq_len}")
+        if len(seqs) == 0:
+            raise ValueError("empty batch: give at least one sequence")
+        texts = []
+        for seq in seqs:
+            if not isinstance(seq, (list, tuple)) or len(seq) == 0:
+                raise ValueError("a sequence must be a non-empty list of segments")
+            length = 0
+            for i, seg in enumerate(seq):
+                if not isinstance(seg, torch.Tensor):
+                    raise ValueError(f"segment {i} is a {type(seg).__name__}, not a tensor")
+                if seg.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):  # text
+                    if seg.dim() != 1 or seg.numel() == 0:
+                        raise ValueError(f"text segment {i} must be a non-empty 1-D tensor, got shape {tuple(seg.shape)}")
+                    texts.append(seg)
+                    length += seg.numel()
+                elif seg.is_floating_point():  # image
+                    want = (cfg.channels, cfg.image_size, cfg.image_size)
+                    if tuple(seg.shape) != want:
+                        raise ValueError(f"image segment {i} has shape {tuple(seg.shape)}, expected (C, H, W) = {want}")
+                    length += cfg.n_patches + 2  # BOI, patches, EOI
+                else:
+                    raise ValueError(f"segment {i} has dtype {seg.dtype}: use int64 for text, float for images")
+            if length > cfg.max_seq_len:
+                raise ValueError(f"sequence of {length} positions is longer than max_seq_len = {cfg.max_seq_len}")
+        reserved = torch.tensor([cfg.pad_id, cfg.boi_id, cfg.eoi_id])
+        ids = torch.cat([t.long().cpu() for t in texts])
+        if ids.min() >= 0 and ids.max() < cfg.vocab_size and not torch.isin(ids, reserved).any():
+            return
+        for seg in texts:  # something is wrong: find it, to say what
+            bad = seg[(seg < 0) | (seg >= cfg.vocab_size)]
+            if bad.numel():
+                raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
+            if torch.isin(seg.long().cpu(), reserved).any():
+                raise ValueError("a text segment contains PAD, BOI or EOI: BOI/EOI are added around each "
+                                 "image automatically and PAD is for batching")
 
     def with_markers(self, seq: Sequence[Segment], t_clean: int = 1) -> list:
         """User segments -> model items: BOI/EOI tokens put around each image, and each
@@ -614,10 +627,7 @@ class Transfusion(nn.Module):
         """L = L_LM + lambda * L_DDPM (Eq. 4) on a batch of interleaved sequences of clean
         images in [-1, 1]. Returns (total, lm, ddpm)."""
         cfg = self.cfg
-        if len(seqs) == 0:
-            raise ValueError("empty batch")
-        for seq in seqs:
-            self.check_sequence(seq)
+        self.check_batch(seqs)
         # the noise caps are read from the data as given: an image whose caption is dropped
         # below is still a caption-first image, trained at every noise level
         t_max = torch.tensor(self.max_timesteps(seqs), dtype=torch.float)
@@ -721,10 +731,7 @@ class Transfusion(nn.Module):
         if given, sees the images after each denoising step (for pictures).
         """
         cfg, N = self.cfg, self.cfg.n_patches
-        if len(prompts) == 0:
-            raise ValueError("empty batch of prompts")
-        for p in prompts:
-            self.check_sequence(p)
+        self.check_batch(prompts)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, not {sampler!r}")
         schedule = sampling_timesteps(cfg.T, steps)

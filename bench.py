@@ -1,0 +1,215 @@
+"""
+How close training and sampling run to this machine's limit (like nanoGPT's MFU).
+
+    python bench.py                  # CPU
+    python bench.py --device cuda    # GPU (bf16 autocast in training, as train_mnist.py)
+
+Prints one table; every figure is a median of several timed runs after warm-up,
+in one process per row group (so each peak-memory figure is its own):
+- the measured fp32 peak of a large square matmul: the limit;
+- training: ms/step, tokens/s, model FLOP/s and MFU = model FLOP/s / that peak, for the
+  default MNIST config, one whole step: data, mask, loss, backward, clip, AdamW, EMA;
+- sampling: seconds for 100 digits with the default sampler, with and without the
+  KV cache, and the ratio;
+- peak memory (RSS on CPU, allocated on GPU) of training and of sampling;
+- the same with the other patch encoder.
+"""
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import train_mnist as tm
+from transfusion import Transfusion
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, warmup=2, repeats=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device, n=4096):
+    """GFLOP/s of an n x n fp32 matmul (2 n^3 FLOPs), median of runs."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n ** 3 / median_time(lambda: a @ b, device, 2, 7) / 1e9
+
+
+def train_flops_per_step(cfg, n_seq, seq_len):
+    """Model FLOPs of one training step (forward + backward = 3 x forward), counted as
+    nanoGPT/PaLM do: 2 FLOPs per multiply-add, backward twice the forward.
+
+    Per token:   6 * (matmul weights a token passes through)
+                 = 6 * (L * (4 D^2 + 3 D F) + D V)     # qkv + wo, SwiGLU (w1, w3, w2), LM head
+               + 6 * L * 2 * S * D                     # attention: QK^T and AV over all S keys
+    Per image:   linear patches: 6 * N * 2 * D * C P^2 (proj_in + proj_out)
+                 U-Net patches:  6 * (each conv's 2 * k^2 * c_in * c_out * H_out * W_out)
+    The LM head runs at every position (patches too), as the code does. Norms, RoPE,
+    softmax and the optimizer are not counted: they are the overhead MFU exposes.
+    """
+    D, L, F_, V, S = cfg.d_model, cfg.n_layers, cfg.ffn_hidden, cfg.vocab_size, seq_len
+    per_token = 6 * (L * (4 * D * D + 3 * D * F_) + D * V) + 6 * L * 2 * S * D
+    N, P, C, H = cfg.n_patches, cfg.patch_size, cfg.channels, cfg.image_size
+    if cfg.patch_encoder == "linear":
+        per_image = 6 * N * 2 * D * C * P * P
+    else:
+        c = cfg.unet_channels
+        conv = lambda k, ci, co, hw: 2 * k * k * ci * co * hw * hw
+        per_image = 6 * (conv(3, C, c, H) + 2 * conv(3, c, c, H)                  # conv_in, down block
+                         + conv(P, c, D, H // P) + conv(P, D, c, H // P)          # to/from tokens
+                         + conv(3, 2 * c, c, H) + conv(3, c, c, H) + conv(1, 2 * c, c, H)  # up block + skip
+                         + conv(3, c, C, H))                                      # conv_out
+    per_image += 6 * (256 * D + D * D)                                            # timestep MLP
+    return n_seq * seq_len * per_token + n_seq * per_image
+
+
+def make_args(encoder, device):
+    args = tm.parse_args(["--device", device])
+    args.patch_encoder = encoder
+    return args
+
+
+def bench_train(encoder, device, repeats):
+    args = make_args(encoder, device.type)
+    cfg = tm.mnist_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                          ffn_hidden=args.ffn_hidden, patch_size=args.patch_size,
+                          patch_encoder=args.patch_encoder, unet_channels=args.unet_channels)
+    torch.manual_seed(0)
+    model = Transfusion(cfg).to(device)
+    ema = copy.deepcopy(model)
+    opt = tm.configure_optimizer(model, args.lr)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(4096, 1, 28, 28) * 2 - 1                       # stand-in digits: speed only
+    labels = torch.randint(0, 10, (4096,), generator=gen)
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def step():  # the whole training step of train_mnist.train
+        idx = torch.randint(0, 4096, (args.batch_size,), generator=gen)
+        seqs = tm.make_sequences(images[idx], labels[idx], gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss, lm, ddpm = model.loss(seqs, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - args.ema)
+
+    sec = median_time(step, device, warmup=3, repeats=repeats)
+    seq_len = cfg.n_patches + 5                                        # BOS d BOI <N> EOI EOS
+    flops = train_flops_per_step(cfg, args.batch_size, seq_len)
+    return dict(ms_per_step=1000 * sec, tokens_per_s=args.batch_size * seq_len / sec,
+                gflop_per_step=flops / 1e9, model_gflops=flops / sec / 1e9, params_m=model.num_params() / 1e6,
+                batch=args.batch_size, seq_len=seq_len)
+
+
+class ScriptedText(Transfusion):
+    """Without a checkpoint: the text head is scripted (a digit opens an image, EOI ends
+    the sequence) so the benchmark times exactly the path a trained model takes."""
+
+    def forward(self, batch, cache=None, commit=True):
+        logits, eps = super().forward(batch, cache, commit)
+        nxt = torch.where(batch.tokens < 10, tm.BOI, tm.EOS)
+        return torch.full_like(logits, -1e4).scatter(-1, nxt[..., None], 0.0), eps
+
+
+def bench_sample(encoder, device, repeats, ckpt):
+    args = make_args(encoder, device.type)
+    if ckpt and os.path.exists(ckpt) and tm.load_checkpoint(ckpt).cfg.patch_encoder == encoder:
+        model, source = tm.load_checkpoint(ckpt, device), ckpt
+    else:
+        cfg = tm.mnist_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                              ffn_hidden=args.ffn_hidden, patch_size=args.patch_size,
+                              patch_encoder=encoder, unet_channels=args.unet_channels)
+        model, source = ScriptedText(cfg).to(device).eval(), "untrained, scripted text"
+    labels = torch.arange(100) % 10
+    kw = dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
+    cached = tm.generate_digits(model, labels, batch_size=100, **kw)
+    plain = tm.generate_digits(model, labels, batch_size=100, use_cache=False, **kw)
+    same = torch.allclose(cached, plain, atol=1e-4)
+    t_cache = median_time(lambda: tm.generate_digits(model, labels, batch_size=100, **kw), device, 1, repeats)
+    t_plain = median_time(lambda: tm.generate_digits(model, labels, batch_size=100, use_cache=False, **kw),
+                          device, 1, repeats)
+    return dict(sample_s_cache=t_cache, sample_s_nocache=t_plain, speedup=t_plain / t_cache, same_output=same,
+                sampler=f"{args.sampler} {args.sample_steps} steps, CFG {args.cfg_scale}", model=source)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main():
+    p = argparse.ArgumentParser(description="training MFU and sampling speed of the default MNIST config")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="a trained model for the sampling rows, if present")
+    p.add_argument("--part", help=argparse.SUPPRESS)   # internal: run one part in this process
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.part:
+        what, encoder = args.part.split(":")
+        res = bench_train(encoder, device, args.repeats) if what == "train" else \
+            bench_sample(encoder, device, max(1, args.repeats // 2), args.ckpt)
+        res["peak_mb"] = peak_memory_mb(device)
+        print(json.dumps(res))
+        return
+    peak = matmul_peak(device)
+    default = tm.DEFAULTS["patch_encoder"]
+    encoders = [default, "linear" if default == "unet" else "unet"]
+    res = {}
+    for enc in encoders:
+        for what in ("train", "sample"):
+            cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats),
+                   "--ckpt", args.ckpt, "--part", f"{what}:{enc}"]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            res[what, enc] = json.loads(out.strip().splitlines()[-1])
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\ndevice: {name}; torch {torch.__version__}")
+    rows = [("fp32 matmul peak (4096x4096)", lambda e: f"{peak:.0f} GFLOP/s")]
+    rows += [
+        ("parameters", lambda e: f"{res['train', e]['params_m']:.2f} M"),
+        ("train: ms/step (batch x tokens)", lambda e: f"{res['train', e]['ms_per_step']:.0f} "
+                                                       f"({res['train', e]['batch']} x {res['train', e]['seq_len']})"),
+        ("train: tokens/s", lambda e: f"{res['train', e]['tokens_per_s']:.0f}"),
+        ("train: model GFLOP/step", lambda e: f"{res['train', e]['gflop_per_step']:.1f}"),
+        ("train: model GFLOP/s", lambda e: f"{res['train', e]['model_gflops']:.0f}"),
+        ("train: MFU (model FLOP/s / peak)", lambda e: f"{res['train', e]['model_gflops'] / peak:.0%}"),
+        ("train: peak memory", lambda e: f"{res['train', e]['peak_mb']:.0f} MB"),
+        ("sample 100 digits, KV cache", lambda e: f"{res['sample', e]['sample_s_cache']:.2f} s"),
+        ("sample 100 digits, no cache", lambda e: f"{res['sample', e]['sample_s_nocache']:.2f} s"),
+        ("KV-cache speed-up (same output)", lambda e: f"{res['sample', e]['speedup']:.2f}x "
+                                                      f"({'yes' if res['sample', e]['same_output'] else 'NO'})"),
+        ("sample: peak memory", lambda e: f"{res['sample', e]['peak_mb']:.0f} MB"),
+    ]
+    head = ["", f"{encoders[0]} patches (default)", f"{encoders[1]} patches"]
+    print("| " + " | ".join(head) + " |\n|---|---|---|")
+    for label, fn in rows:
+        print(f"| {label} | {fn(encoders[0])} | {fn(encoders[1])} |")
+    for e in encoders:
+        print(f"sampling ({e}): {res['sample', e]['sampler']}; model: {res['sample', e]['model']}")
+
+
+if __name__ == "__main__":
+    main()
