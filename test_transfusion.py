@@ -17,7 +17,7 @@ BOS, BOI, EOI, EOS, PAD = 11, 12, 13, 14, 10
 
 def tiny_config(**kw):
     base = dict(d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, image_size=4, patch_size=2,
-                channels=1, max_seq_len=40, unet_channels=8)
+                channels=1, max_seq_len=40, patch_encoder="linear", unet_channels=8)
     base.update(kw)
     return TransfusionConfig(**base)
 
@@ -257,11 +257,15 @@ def test_a_dropped_caption_does_not_cap_the_noise(monkeypatch):
     assert seen[0].max() > 500
 
 
-def test_condition_dropout_removes_the_caption_only():
+def test_condition_dropout_leaves_bos_and_the_image():
+    """The caption goes, and so does the text after the image: BOS <image> EOI -> EOS would
+    contradict the image-first data (BOS <image> EOI -> caption) that trains the captioner."""
     model = tiny_model(cond_drop_prob=1.0)
     x = image(0)
-    dropped = model.drop_condition([[text(BOS, 3), x, text(EOS)], [text(BOS), x, text(3, EOS)]])
-    assert dropped[0][0].tolist() == [BOS] and dropped[0][1] is x
+    dropped = model.drop_condition([[text(BOS, 3), x, text(EOS)], [text(BOS), x, text(3, EOS)],
+                                    [text(BOS, 3), x, text(4), image(1), text(EOS)]])
+    assert dropped[0][0].tolist() == [BOS] and dropped[0][1] is x and len(dropped[0]) == 2
+    assert len(dropped[2]) == 2 and dropped[2][1] is x
     assert dropped[1][0].tolist() == [BOS] and dropped[1][2].tolist() == [3, EOS]
     keep = TransfusionConfig(**{**model.cfg.__dict__, "cond_drop_prob": 0.0})
     assert Transfusion(keep).drop_condition([[text(BOS, 3), x]])[0][0].tolist() == [BOS, 3]
@@ -406,6 +410,10 @@ def test_empty_batch_raises():
 def test_bad_config_and_sampler_arguments_raise():
     with pytest.raises(ValueError, match="patch_size"):
         TransfusionConfig(image_size=28, patch_size=5)
+    with pytest.raises(ValueError, match="unet_channels"):
+        TransfusionConfig(patch_encoder="unet", unet_channels=12)
+    with pytest.raises(ValueError, match="clean_t"):
+        TransfusionConfig(clean_t=0)
     model = tiny_model()
     with pytest.raises(ValueError, match="sampler"):
         model.generate([[text(BOS)]], sampler="euler")
