@@ -36,9 +36,9 @@ VOCAB = [str(d) for d in range(10)] + ["<pad>", "<bos>", "<boi>", "<eoi>", "<eos
 PAD, BOS, BOI, EOI, EOS = 10, 11, 12, 13, 14
 
 # the default run, tuned on a 2-core CPU (README, "Results")
-DEFAULTS = dict(d_model=256, n_layers=6, n_heads=4, ffn_hidden=688, patch_size=7,
-                patch_encoder="unet", unet_channels=32, batch_size=128, lr=1e-3,
-                warmup=100, ema=0.999, cfg_scale=3.0, sampler="ddim", sample_steps=25)
+DEFAULTS = dict(d_model=128, n_layers=4, n_heads=4, ffn_hidden=344, patch_size=7,
+                patch_encoder="unet", unet_channels=16, batch_size=64, lr=2e-3,
+                warmup=100, ema=0.999, lam=5.0, cfg_scale=1.75, sampler="ddpm", sample_steps=100)
 
 
 def mnist_config(**overrides) -> TransfusionConfig:
@@ -113,7 +113,8 @@ def configure_optimizer(model, lr: float, weight_decay: float = 0.1):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")  # one kernel for the whole update: ~5% faster steps here
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 def lr_at(progress: float, step: int, lr: float, warmup: int, min_ratio: float = 0.05):
@@ -143,7 +144,8 @@ def train(args, log=print):
     images = to_model_range(images_u8)
     cfg = mnist_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                        ffn_hidden=args.ffn_hidden, patch_size=args.patch_size,
-                       patch_encoder=args.patch_encoder, unet_channels=args.unet_channels)
+                       patch_encoder=args.patch_encoder, unet_channels=args.unet_channels, lam=args.lam,
+                       clean_t=args.clean_t)
     model = Transfusion(cfg).to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
@@ -289,11 +291,14 @@ class Referee(nn.Module):
         return self.head(self.features(x))
 
 
-def train_referee(train_x, train_y, epochs=2, seed=0, log=print):
+def train_referee(train_x, train_y, epochs=3, seed=0, log=print):
+    """Adam with a cosine learning-rate decay: ~99% test accuracy in 3 epochs on a CPU."""
     torch.manual_seed(seed)
     net = Referee()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     n = len(train_y)
+    total = epochs * math.ceil(n / 128)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
     for ep in range(epochs):
         perm = torch.randperm(n)
         for i in range(0, n, 128):
@@ -302,6 +307,7 @@ def train_referee(train_x, train_y, epochs=2, seed=0, log=print):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
         log(f"referee epoch {ep + 1}/{epochs} done")
     return net.eval()
 
@@ -338,12 +344,12 @@ def save_grid(images, path, nrow, titles=None, title=None):
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
-            ax.imshow(images[k, 0].cpu(), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(images[k, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             if titles:
                 ax.set_title(titles[k], fontsize=7, pad=2)
+    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if title else (0, 0, 1, 1))
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -384,7 +390,7 @@ def save_mask_plot(model, path):
     kind[mask & is_img[:, None] & is_img[None, :] & ~torch.ones_like(mask).tril()] = 2  # 2: bidirectional in-image
     names = [VOCAB[t] if not f else "" for t, f in zip(batch.tokens[0].tolist(), is_img.tolist())]
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(kind, cmap=ListedColormap(["white", "#4C72B0", "#DD8452"]), vmin=0, vmax=2)
+    ax.imshow(kind.numpy(), cmap=ListedColormap(["white", "#4C72B0", "#DD8452"]), vmin=0, vmax=2)
     ticks = [i for i, nm in enumerate(names) if nm]
     ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=7)
     ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=7)
@@ -414,14 +420,24 @@ def parse_args(argv=None):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=DEFAULTS[k])
     p.add_argument("--patch-encoder", choices=["linear", "unet"], default=DEFAULTS["patch_encoder"])
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="lambda of Eq. 4 (paper: 5)")
     p.add_argument("--ema", type=float, default=DEFAULTS["ema"], help="EMA decay of the weights used for sampling")
     p.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"])
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default=DEFAULTS["sampler"])
     p.add_argument("--sample-steps", type=int, default=DEFAULTS["sample_steps"])
     p.add_argument("--eval-per-label", type=int, default=100, help="generated digits per label for the metrics")
     p.add_argument("--eval-captions", type=int, default=10000, help="test digits to caption")
-    p.add_argument("--referee-epochs", type=int, default=2)
-    return p.parse_args(argv)
+    p.add_argument("--referee-epochs", type=int, default=3)
+    p.add_argument("--clean-t", type=int, default=TransfusionConfig.clean_t,
+                   help="the timestep a clean image is shown at (TransfusionConfig.clean_t)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: evaluate <out>/ckpt.pt with the sampler flags and --clean-t given")
+    p.add_argument("--caption-split", choices=["test", "train"], default="test",
+                   help="with --eval-only --eval-per-label 0: caption random digits of this split")
+    args = p.parse_args(argv)
+    if args.eval_per_label < 1 and not args.eval_only:
+        p.error("--eval-per-label must be at least 1 (0 only with --eval-only: captions alone)")
+    return args
 
 
 def evaluate(model, args, log=print):
@@ -468,6 +484,27 @@ def evaluate(model, args, log=print):
                 fake=fake, test_x=test_x, caps=caps)
 
 
+def eval_only(args):
+    """Re-measure a trained checkpoint with other sampler settings or another clean_t (the
+    README's tables). With --eval-per-label 0, only the caption accuracy, on --caption-split."""
+    path = os.path.join(args.out, "ckpt.pt")
+    if not os.path.exists(path):
+        print(f"error: --eval-only needs a trained checkpoint at {path}", file=sys.stderr)
+        return 1
+    model = load_checkpoint(path)
+    model.sample_defaults = dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
+    model.cfg.clean_t = args.clean_t
+    print(f"{path}: {args.sampler} {args.sample_steps} steps, CFG {args.cfg_scale}, clean images at t = {args.clean_t}")
+    if args.eval_per_label > 0:
+        evaluate(model, args)
+        return 0
+    x_u8, y = load_mnist(args.data_dir, train=args.caption_split == "train")
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:args.eval_captions]
+    caps = caption_digits(model, x_u8[idx].float().div(255).unsqueeze(1))
+    print(f"caption accuracy {float((caps == y[idx]).float().mean()):.2%} on {len(idx)} random {args.caption_split} digits")
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -475,6 +512,8 @@ def main(argv=None):
     try:
         load_mnist(args.data_dir, train=True)   # fail early, with directions, if the data is missing
         load_mnist(args.data_dir, train=False)
+        if args.eval_only:
+            return eval_only(args)
         model, hist = train(args)
     except MissingData as e:
         print(f"error: {e}", file=sys.stderr)
