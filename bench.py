@@ -10,7 +10,8 @@ in one process per row group (so each peak-memory figure is its own):
 - training: ms/step, tokens/s, model FLOP/s and MFU = model FLOP/s / that peak, for the
   default MNIST config, one whole step: data, mask, loss, backward, clip, AdamW, EMA;
 - sampling: seconds for 100 digits with the default sampler, with and without the
-  KV cache, and the ratio;
+  KV cache, and the ratio; the same after a 40-token prompt, where the cache has a
+  prefix to save (the MNIST prompt BOS "d" has almost none);
 - peak memory (RSS on CPU, allocated on GPU) of training and of sampling;
 - the same with the other patch encoder.
 """
@@ -25,9 +26,13 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import train_mnist as tm
 from transfusion import Transfusion
+
+
+LONG_PROMPT = 40   # tokens: BOS and 39 copies of the digit
 
 
 def sync(device):
@@ -62,7 +67,7 @@ def train_flops_per_step(cfg, n_seq, seq_len):
                  = 6 * (L * (4 D^2 + 3 D F) + D V)     # qkv + wo, SwiGLU (w1, w3, w2), LM head
                + 6 * L * 2 * S * D                     # attention: QK^T and AV over all S keys
     Per image:   linear patches: 6 * N * 2 * D * C P^2 (proj_in + proj_out)
-                 U-Net patches:  6 * (each conv's 2 * k^2 * c_in * c_out * H_out * W_out)
+                 U-Net patches:  6 * (each conv's k^2 * c_in * c_out * H_out * W_out multiply-adds)
     The LM head runs at every position (patches too), as the code does. Norms, RoPE,
     softmax and the optimizer are not counted: they are the overhead MFU exposes.
     """
@@ -73,7 +78,7 @@ def train_flops_per_step(cfg, n_seq, seq_len):
         per_image = 6 * N * 2 * D * C * P * P
     else:
         c = cfg.unet_channels
-        conv = lambda k, ci, co, hw: 2 * k * k * ci * co * hw * hw
+        conv = lambda k, ci, co, hw: k * k * ci * co * hw * hw                  # multiply-adds
         per_image = 6 * (conv(3, C, c, H) + 2 * conv(3, c, c, H)                  # conv_in, down block
                          + conv(P, c, D, H // P) + conv(P, D, c, H // P)          # to/from tokens
                          + conv(3, 2 * c, c, H) + conv(3, c, c, H) + conv(1, 2 * c, c, H)  # up block + skip
@@ -118,8 +123,12 @@ def bench_train(encoder, device, repeats):
     sec = median_time(step, device, warmup=3, repeats=repeats)
     seq_len = cfg.n_patches + 5                                        # BOS d BOI <N> EOI EOS
     flops = train_flops_per_step(cfg, args.batch_size, seq_len)
+    with FlopCounterMode(display=False) as counter:                    # cross-check of the formula
+        idx = torch.randint(0, 4096, (args.batch_size,), generator=gen)
+        model.loss(tm.make_sequences(images[idx], labels[idx], gen), generator=gen)[0].backward()
+    model.zero_grad(set_to_none=True)
     return dict(ms_per_step=1000 * sec, tokens_per_s=args.batch_size * seq_len / sec,
-                gflop_per_step=flops / 1e9, model_gflops=flops / sec / 1e9, params_m=model.num_params() / 1e6,
+                gflop_per_step=flops / 1e9, counted_gflop=counter.get_total_flops() / 1e9, model_gflops=flops / sec / 1e9, params_m=model.num_params() / 1e6,
                 batch=args.batch_size, seq_len=seq_len)
 
 
@@ -150,7 +159,21 @@ def bench_sample(encoder, device, repeats, ckpt):
     t_cache = median_time(lambda: tm.generate_digits(model, labels, batch_size=100, **kw), device, 1, repeats)
     t_plain = median_time(lambda: tm.generate_digits(model, labels, batch_size=100, use_cache=False, **kw),
                           device, 1, repeats)
+    # The MNIST prompt BOS "d" leaves almost nothing to cache; a 40-token prompt shows what the
+    # cache saves when there is a prefix (untrained weights, scripted text: same path, same work)
+    scripted = ScriptedText(model.cfg).to(device).eval()
+    prompts = [[torch.tensor([tm.BOS] + [int(d)] * (LONG_PROMPT - 1))] for d in labels]
+
+    def long(use_cache):
+        out = scripted.generate(prompts, max_new_tokens=3, use_cache=use_cache,
+                                generator=torch.Generator().manual_seed(0), **kw)
+        return torch.stack([seq[1] for seq in out])                    # (100, C, H, W)
+
+    long_same = torch.allclose(long(True), long(False), atol=1e-4)
+    l_cache = median_time(lambda: long(True), device, 1, repeats)
+    l_plain = median_time(lambda: long(False), device, 1, repeats)
     return dict(sample_s_cache=t_cache, sample_s_nocache=t_plain, speedup=t_plain / t_cache, same_output=same,
+                long_s_cache=l_cache, long_s_nocache=l_plain, long_speedup=l_plain / l_cache, long_same=long_same,
                 sampler=f"{args.sampler} {args.sample_steps} steps, CFG {args.cfg_scale}", model=source)
 
 
@@ -193,7 +216,8 @@ def main():
         ("train: ms/step (batch x tokens)", lambda e: f"{res['train', e]['ms_per_step']:.0f} "
                                                        f"({res['train', e]['batch']} x {res['train', e]['seq_len']})"),
         ("train: tokens/s", lambda e: f"{res['train', e]['tokens_per_s']:.0f}"),
-        ("train: model GFLOP/step", lambda e: f"{res['train', e]['gflop_per_step']:.1f}"),
+        ("train: model GFLOP/step (formula; torch's count)", lambda e: f"{res['train', e]['gflop_per_step']:.2f} "
+                                                                       f"({res['train', e]['counted_gflop']:.2f})"),
         ("train: model GFLOP/s", lambda e: f"{res['train', e]['model_gflops']:.0f}"),
         ("train: MFU (model FLOP/s / peak)", lambda e: f"{res['train', e]['model_gflops'] / peak:.0%}"),
         ("train: peak memory", lambda e: f"{res['train', e]['peak_mb']:.0f} MB"),
@@ -201,6 +225,10 @@ def main():
         ("sample 100 digits, no cache", lambda e: f"{res['sample', e]['sample_s_nocache']:.2f} s"),
         ("KV-cache speed-up (same output)", lambda e: f"{res['sample', e]['speedup']:.2f}x "
                                                       f"({'yes' if res['sample', e]['same_output'] else 'NO'})"),
+        (f"after a {LONG_PROMPT}-token prompt: cache / none", lambda e: f"{res['sample', e]['long_s_cache']:.2f} s / "
+                                                                   f"{res['sample', e]['long_s_nocache']:.2f} s"),
+        (f"KV-cache speed-up, {LONG_PROMPT}-token prompt", lambda e: f"{res['sample', e]['long_speedup']:.2f}x "
+                                                             f"({'yes' if res['sample', e]['long_same'] else 'NO'})"),
         ("sample: peak memory", lambda e: f"{res['sample', e]['peak_mb']:.0f} MB"),
     ]
     head = ["", f"{encoders[0]} patches (default)", f"{encoders[1]} patches"]
