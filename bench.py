@@ -128,7 +128,8 @@ def bench_train(encoder, device, repeats):
         model.loss(tm.make_sequences(images[idx], labels[idx], gen), generator=gen)[0].backward()
     model.zero_grad(set_to_none=True)
     return dict(ms_per_step=1000 * sec, tokens_per_s=args.batch_size * seq_len / sec,
-                gflop_per_step=flops / 1e9, counted_gflop=counter.get_total_flops() / 1e9, model_gflops=flops / sec / 1e9, params_m=model.num_params() / 1e6,
+                gflop_per_step=flops / 1e9, counted_gflop=counter.get_total_flops() / 1e9,
+                model_gflops=flops / sec / 1e9, params_m=model.num_params() / 1e6,
                 batch=args.batch_size, seq_len=seq_len)
 
 

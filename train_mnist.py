@@ -145,7 +145,7 @@ def train(args, log=print):
     cfg = mnist_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                        ffn_hidden=args.ffn_hidden, patch_size=args.patch_size,
                        patch_encoder=args.patch_encoder, unet_channels=args.unet_channels, lam=args.lam,
-                       clean_t=args.clean_t)
+                       **({} if args.clean_t is None else dict(clean_t=args.clean_t)))
     model = Transfusion(cfg).to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
@@ -428,8 +428,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-per-label", type=int, default=100, help="generated digits per label for the metrics")
     p.add_argument("--eval-captions", type=int, default=10000, help="test digits to caption")
     p.add_argument("--referee-epochs", type=int, default=3)
-    p.add_argument("--clean-t", type=int, default=TransfusionConfig.clean_t,
-                   help="the timestep a clean image is shown at (TransfusionConfig.clean_t)")
+    p.add_argument("--clean-t", type=int, default=None,
+                   help=f"the timestep a clean image is shown at (default: the checkpoint's, or "
+                        f"TransfusionConfig.clean_t = {TransfusionConfig.clean_t} for a new model)")
     p.add_argument("--eval-only", action="store_true",
                    help="no training: evaluate <out>/ckpt.pt with the sampler flags and --clean-t given")
     p.add_argument("--caption-split", choices=["test", "train"], default="test",
@@ -493,8 +494,10 @@ def eval_only(args):
         return 1
     model = load_checkpoint(path)
     model.sample_defaults = dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
-    model.cfg.clean_t = args.clean_t
-    print(f"{path}: {args.sampler} {args.sample_steps} steps, CFG {args.cfg_scale}, clean images at t = {args.clean_t}")
+    if args.clean_t is not None:
+        model.cfg.clean_t = args.clean_t
+    print(f"{path}: {args.sampler} {args.sample_steps} steps, CFG {args.cfg_scale}, "
+          f"clean images at t = {model.cfg.clean_t}")
     if args.eval_per_label > 0:
         evaluate(model, args)
         return 0

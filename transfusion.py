@@ -36,7 +36,8 @@ Deviations from the paper (all made so the model trains on a laptop CPU):
   near t = 1 and the model's embedding of t = 1 is its least trained. Measured on
   5,000 MNIST *training* digits, caption accuracy was 97.7% at t = 1 and a
   plateau of 98.4-98.5% for t = 50-200; we take the plateau's low end (README).
-  Cascaded diffusion models show conditioning images at a chosen noise level too.
+  Cascaded diffusion models (Ho et al. 2022, "conditioning augmentation") also
+  show their conditioning images at a noise level chosen by validation.
 - A DDIM sampler (Song et al. 2021) is offered beside the paper's DDPM one, for
   fewer steps.
 
