@@ -6,7 +6,8 @@ How close training and sampling run to this machine's limit (like nanoGPT's MFU)
 
 Prints one table; every figure is a median of several timed runs after warm-up,
 in one process per row group (so each peak-memory figure is its own):
-- the measured fp32 peak of a large square matmul: the limit;
+- the measured peak of a large square matmul in the training precision (fp32 on a CPU,
+  bf16 on a GPU): the limit;
 - training: ms/step, tokens/s, model FLOP/s and MFU = model FLOP/s / that peak, for the
   default MNIST config, one whole step: data, mask, loss, backward, clip, AdamW, EMA;
 - sampling: seconds for 100 digits with the default sampler, with and without the
@@ -53,9 +54,9 @@ def median_time(fn, device, warmup=2, repeats=5):
     return statistics.median(times)
 
 
-def matmul_peak(device, n=4096):
-    """GFLOP/s of an n x n fp32 matmul (2 n^3 FLOPs), median of runs."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device, n=4096, dtype=torch.float32):
+    """GFLOP/s of an n x n matmul (2 n^3 FLOPs), median of runs."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / median_time(lambda: a @ b, device, 2, 7) / 1e9
 
 
@@ -101,6 +102,7 @@ def bench_train(encoder, device, repeats):
     torch.manual_seed(0)
     model = Transfusion(cfg).to(device)
     ema = copy.deepcopy(model)
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
     opt = tm.configure_optimizer(model, args.lr)
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(4096, 1, 28, 28) * 2 - 1                       # stand-in digits: speed only
@@ -117,8 +119,7 @@ def bench_train(encoder, device, repeats):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - args.ema)
+            torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
 
     sec = median_time(step, device, warmup=3, repeats=repeats)
     seq_len = cfg.n_patches + 5                                        # BOS d BOI <N> EOI EOS
@@ -156,7 +157,7 @@ def bench_sample(encoder, device, repeats, ckpt):
     kw = dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
     cached = tm.generate_digits(model, labels, batch_size=100, **kw)
     plain = tm.generate_digits(model, labels, batch_size=100, use_cache=False, **kw)
-    same = torch.allclose(cached, plain, atol=1e-4)
+    diff = (cached - plain).abs().max().item()                        # float rounding only
     t_cache = median_time(lambda: tm.generate_digits(model, labels, batch_size=100, **kw), device, 1, repeats)
     t_plain = median_time(lambda: tm.generate_digits(model, labels, batch_size=100, use_cache=False, **kw),
                           device, 1, repeats)
@@ -170,12 +171,16 @@ def bench_sample(encoder, device, repeats, ckpt):
                                 generator=torch.Generator().manual_seed(0), **kw)
         return torch.stack([seq[1] for seq in out])                    # (100, C, H, W)
 
-    long_same = torch.allclose(long(True), long(False), atol=1e-4)
+    long_diff = (long(True) - long(False)).abs().max().item()
     l_cache = median_time(lambda: long(True), device, 1, repeats)
     l_plain = median_time(lambda: long(False), device, 1, repeats)
-    return dict(sample_s_cache=t_cache, sample_s_nocache=t_plain, speedup=t_plain / t_cache, same_output=same,
-                long_s_cache=l_cache, long_s_nocache=l_plain, long_speedup=l_plain / l_cache, long_same=long_same,
+    return dict(sample_s_cache=t_cache, sample_s_nocache=t_plain, speedup=t_plain / t_cache, max_diff=diff,
+                long_s_cache=l_cache, long_s_nocache=l_plain, long_speedup=l_plain / l_cache, long_max_diff=long_diff,
                 sampler=f"{args.sampler} {args.sample_steps} steps, CFG {args.cfg_scale}", model=source)
+
+
+def pct(x):
+    return f"{x:.0%}" if x >= 0.1 else f"{x:.2%}"   # a GPU running this tiny model shows a fraction of 1%
 
 
 def peak_memory_mb(device):
@@ -199,7 +204,10 @@ def main():
         res["peak_mb"] = peak_memory_mb(device)
         print(json.dumps(res))
         return
-    peak = matmul_peak(device)
+    # the limit: the peak of the precision training runs in (fp32 on a CPU; bf16 autocast on a GPU)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    peak = matmul_peak(device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    prec = "bf16" if bf16 else "fp32"
     default = tm.DEFAULTS["patch_encoder"]
     encoders = [default, "linear" if default == "unet" else "unet"]
     res = {}
@@ -207,11 +215,13 @@ def main():
         for what in ("train", "sample"):
             cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats),
                    "--ckpt", args.ckpt, "--part", f"{what}:{enc}"]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            res[what, enc] = json.loads(out.strip().splitlines()[-1])
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"bench part {what}:{enc} failed:\n{run.stderr}")
+            res[what, enc] = json.loads(run.stdout.strip().splitlines()[-1])
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\ndevice: {name}; torch {torch.__version__}")
-    rows = [("fp32 matmul peak (4096x4096)", lambda e: f"{peak:.0f} GFLOP/s")]
+    rows = [(f"{prec} matmul peak (4096x4096)", lambda e: f"{peak:.0f} GFLOP/s")]
     rows += [
         ("parameters", lambda e: f"{res['train', e]['params_m']:.2f} M"),
         ("train: ms/step (batch x tokens)", lambda e: f"{res['train', e]['ms_per_step']:.0f} "
@@ -220,16 +230,16 @@ def main():
         ("train: model GFLOP/step (formula; torch's count)", lambda e: f"{res['train', e]['gflop_per_step']:.2f} "
                                                                        f"({res['train', e]['counted_gflop']:.2f})"),
         ("train: model GFLOP/s", lambda e: f"{res['train', e]['model_gflops']:.0f}"),
-        ("train: MFU (model FLOP/s / peak)", lambda e: f"{res['train', e]['model_gflops'] / peak:.0%}"),
+        ("train: MFU (model FLOP/s / peak)", lambda e: pct(res['train', e]['model_gflops'] / peak)),
         ("train: peak memory", lambda e: f"{res['train', e]['peak_mb']:.0f} MB"),
         ("sample 100 digits, KV cache", lambda e: f"{res['sample', e]['sample_s_cache']:.2f} s"),
         ("sample 100 digits, no cache", lambda e: f"{res['sample', e]['sample_s_nocache']:.2f} s"),
-        ("KV-cache speed-up (same output)", lambda e: f"{res['sample', e]['speedup']:.2f}x "
-                                                      f"({'yes' if res['sample', e]['same_output'] else 'NO'})"),
+        ("KV-cache speed-up (max pixel difference)", lambda e: f"{res['sample', e]['speedup']:.2f}x "
+                                                              f"({res['sample', e]['max_diff']:.1g})"),
         (f"after a {LONG_PROMPT}-token prompt: cache / none", lambda e: f"{res['sample', e]['long_s_cache']:.2f} s / "
                                                                    f"{res['sample', e]['long_s_nocache']:.2f} s"),
         (f"KV-cache speed-up, {LONG_PROMPT}-token prompt", lambda e: f"{res['sample', e]['long_speedup']:.2f}x "
-                                                             f"({'yes' if res['sample', e]['long_same'] else 'NO'})"),
+                                                             f"({res['sample', e]['long_max_diff']:.1g})"),
         ("sample: peak memory", lambda e: f"{res['sample', e]['peak_mb']:.0f} MB"),
     ]
     head = ["", f"{encoders[0]} patches (default)", f"{encoders[1]} patches"]
