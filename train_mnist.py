@@ -150,6 +150,7 @@ def train(args, log=print):
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
     opt = configure_optimizer(model, args.lr)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     log(f"device {device}{' (bf16 autocast)' if use_bf16 else ''}, {model.num_params() / 1e6:.2f}M parameters, "
@@ -182,9 +183,8 @@ def train(args, log=print):
         # exponential moving average of the weights, used for sampling; its decay warms up
         # so that a short run's average does not keep the random initial weights
         decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        with torch.no_grad():  # ema += (1 - decay) * (model - ema), all tensors in one call
+            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         pending.append((step, lm.detach(), ddpm.detach()))
         step += 1
         now = time.time()

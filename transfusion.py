@@ -142,8 +142,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> Tuple[torch.Tensor
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the pairs (x[i], x[i + Dh/2]) of q or k (B, H, S, Dh) by their position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)                                           # (B, H, S, Dh/2) each
+    """Rotate the pairs (x[i], x[i + Dh/2]) of q and/or k (..., B, H, S, Dh) by their position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)                                           # (..., Dh/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -186,9 +186,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, layer=0, commit=False):
         B, S, D = x.shape
         # QKV
-        q, k, v = self.wqkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, Dh)
-        # RoPE
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.wqkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, S, Dh)
+        # RoPE, on q and k together (one rotation for both: fewer, larger operations)
+        q, k = apply_rope(qkv[:2], cos, sin)                            # (B, H, S, Dh) each
+        v = qkv[2]
         if cache is not None:
             k, v = cache.extend(layer, k, v, commit)                      # (B, H, L+S, Dh)
         # the mask decides who sees whom: causal text, bidirectional images (section 4)
@@ -317,8 +318,12 @@ class UNetPatches(nn.Module):
         self.from_tokens = nn.ConvTranspose2d(D, c, P, stride=P)
         self.up = ResBlock(2 * c, c, D)
         self.norm_out, self.conv_out = nn.GroupNorm(8, c), nn.Conv2d(c, cfg.channels, 3, padding=1)
+        # channels-last (NHWC) memory for the conv weights and activations: the same numbers in
+        # the layout oneDNN and cuDNN convolve fastest (README, "Speed": up to 4% faster steps)
+        self.to(memory_format=torch.channels_last)
 
     def encode(self, x, temb):
+        x = x.contiguous(memory_format=torch.channels_last)
         skip = self.down(self.conv_in(x), temb)                         # (M, c, H, W)
         h = self.to_tokens(skip)                                        # (M, D, H/P, W/P)
         return h.flatten(2).transpose(1, 2) + temb[:, None, :], skip    # (M, N, D), raster order
@@ -326,7 +331,8 @@ class UNetPatches(nn.Module):
     def decode(self, h, temb, skip):
         M, N, D = h.shape
         side = math.isqrt(N)
-        h = self.from_tokens(h.transpose(1, 2).reshape(M, D, side, side))  # (M, c, H, W)
+        h = h.transpose(1, 2).reshape(M, D, side, side).contiguous(memory_format=torch.channels_last)
+        h = self.from_tokens(h)                                         # (M, c, H, W)
         h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, c, H, W)
         return self.conv_out(F.silu(self.norm_out(h)))                  # (M, C, H, W)
 
