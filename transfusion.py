@@ -20,7 +20,7 @@ stream BOS 7 BOI <N patches> EOI EOS.
 Deviations from the paper (all made so the model trains on a laptop CPU):
 - Images are raw pixels cut into patches; the paper patchifies the latent of a
   pretrained VAE (§2.3). Nothing here needs a VAE.
-- Tiny sizes: 1.06M parameters by default (paper: 0.16B-7B, Table 2), a vocabulary
+- Tiny sizes: 0.67M parameters by default (paper: 0.16B-7B, Table 2), a vocabulary
   of 15 tokens (paper: Llama 2's 32k), sequences of tens of tokens (paper: 4096).
 - The U-Net patch encoder has one resolution level and uses GroupNorm with the
   timestep added, where the paper's U-Net blocks use AdaLayerNorm (footnote 7).
@@ -73,7 +73,7 @@ class TransfusionConfig:
     max_seq_len: int = 64         # paper: 4096
     # transformer (§3 "Model Architecture", §4.1: Llama's settings)
     d_model: int = 128            # paper: 768-4096 (Table 2)
-    n_layers: int = 4             # paper: 16-32
+    n_layers: int = 2             # paper: 16-32
     n_heads: int = 4              # paper: 12-32
     ffn_hidden: int = 344         # SwiGLU width, ~8/3 d_model as in Llama
     norm_eps: float = 1e-5
