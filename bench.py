@@ -118,7 +118,7 @@ def bench_train(encoder, device, repeats):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
+        with torch.no_grad():  # the EMA update, as train_mnist.train (one call for all tensors)
             torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
 
     sec = median_time(step, device, warmup=3, repeats=repeats)

@@ -183,7 +183,7 @@ def train(args, log=print):
         # exponential moving average of the weights, used for sampling; its decay warms up
         # so that a short run's average does not keep the random initial weights
         decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():  # ema += (1 - decay) * (model - ema), all tensors in one call
+        with torch.no_grad():  # ema += (1 - decay) * (model - ema), all tensors in one call (the foreach API torch.optim uses)
             torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         pending.append((step, lm.detach(), ddpm.detach()))
         step += 1
