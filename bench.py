@@ -96,9 +96,7 @@ def make_args(encoder, device):
 
 def bench_train(encoder, device, repeats):
     args = make_args(encoder, device.type)
-    cfg = tm.mnist_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                          ffn_hidden=args.ffn_hidden, patch_size=args.patch_size,
-                          patch_encoder=args.patch_encoder, unet_channels=args.unet_channels)
+    cfg = tm.model_config(args)
     torch.manual_seed(0)
     model = Transfusion(cfg).to(device)
     ema = copy.deepcopy(model)
@@ -107,19 +105,12 @@ def bench_train(encoder, device, repeats):
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(4096, 1, 28, 28) * 2 - 1                       # stand-in digits: speed only
     labels = torch.randint(0, 10, (4096,), generator=gen)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = tm.use_bf16(device)
 
-    def step():  # the whole training step of train_mnist.train
+    def step():  # the whole training step of train_mnist.train: sequences, then train_step
         idx = torch.randint(0, 4096, (args.batch_size,), generator=gen)
         seqs = tm.make_sequences(images[idx], labels[idx], gen)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss, lm, ddpm = model.loss(seqs, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():  # the EMA update, as train_mnist.train (one call for all tensors)
-            torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
+        tm.train_step(model, opt, ema_params, model_params, seqs, gen, args.ema, bf16)
 
     sec = median_time(step, device, warmup=3, repeats=repeats)
     seq_len = cfg.n_patches + 5                                        # BOS d BOI <N> EOI EOS
@@ -149,10 +140,7 @@ def bench_sample(encoder, device, repeats, ckpt):
     if ckpt and os.path.exists(ckpt) and tm.load_checkpoint(ckpt).cfg.patch_encoder == encoder:
         model, source = tm.load_checkpoint(ckpt, device), ckpt
     else:
-        cfg = tm.mnist_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                              ffn_hidden=args.ffn_hidden, patch_size=args.patch_size,
-                              patch_encoder=encoder, unet_channels=args.unet_channels)
-        model, source = ScriptedText(cfg).to(device).eval(), "untrained, scripted text"
+        model, source = ScriptedText(tm.model_config(args)).to(device).eval(), "untrained, scripted text"
     labels = torch.arange(100) % 10
     kw = dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
     cached = tm.generate_digits(model, labels, batch_size=100, **kw)
@@ -205,7 +193,7 @@ def main():
         print(json.dumps(res))
         return
     # the limit: the peak of the precision training runs in (fp32 on a CPU; bf16 autocast on a GPU)
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = tm.use_bf16(device)
     peak = matmul_peak(device, dtype=torch.bfloat16 if bf16 else torch.float32)
     prec = "bf16" if bf16 else "fp32"
     default = tm.DEFAULTS["patch_encoder"]

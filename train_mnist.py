@@ -134,6 +134,34 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def model_config(args) -> TransfusionConfig:
+    """The model config that the command-line flags ask for."""
+    return mnist_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                        ffn_hidden=args.ffn_hidden, patch_size=args.patch_size,
+                        patch_encoder=args.patch_encoder, unet_channels=args.unet_channels, lam=args.lam,
+                        **({} if args.clean_t is None else dict(clean_t=args.clean_t)))
+
+
+def use_bf16(device: torch.device, fp32: bool = False) -> bool:
+    """bf16 autocast on a GPU that has it (unless --fp32); fp32 on a CPU, where bf16 was
+    no faster (README, "Speed")."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported() and not fp32
+
+
+def train_step(model, opt, ema_params, model_params, seqs, gen, ema_decay: float, bf16: bool):
+    """One optimisation step (§4.1): L = L_LM + lambda L_DDPM, backward, clip the gradient
+    norm at 1.0, AdamW; then the EMA of the weights. Returns (lm, ddpm) as tensors (no sync)."""
+    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, lm, ddpm = model.loss(seqs, generator=gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():  # ema += (1 - decay) * (model - ema): one foreach call for all tensors
+        torch._foreach_lerp_(ema_params, model_params, 1 - ema_decay)
+    return lm.detach(), ddpm.detach()
+
+
 def train(args, log=print):
     """Train on MNIST for --minutes of wall time (or exactly --steps steps).
     Returns the EMA model and the loss history."""
@@ -142,18 +170,15 @@ def train(args, log=print):
     gen = torch.Generator().manual_seed(args.seed)
     images_u8, labels = load_mnist(args.data_dir, train=True)
     images = to_model_range(images_u8)
-    cfg = mnist_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                       ffn_hidden=args.ffn_hidden, patch_size=args.patch_size,
-                       patch_encoder=args.patch_encoder, unet_channels=args.unet_channels, lam=args.lam,
-                       **({} if args.clean_t is None else dict(clean_t=args.clean_t)))
+    cfg = model_config(args)
     model = Transfusion(cfg).to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     opt = configure_optimizer(model, args.lr)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and not args.fp32
-    log(f"device {device}{' (bf16 autocast)' if use_bf16 else ''}, {model.num_params() / 1e6:.2f}M parameters, "
+    bf16 = use_bf16(device, args.fp32)
+    log(f"device {device}{' (bf16 autocast)' if bf16 else ''}, {model.num_params() / 1e6:.2f}M parameters, "
         f"{cfg.patch_encoder} patches {cfg.patch_size}x{cfg.patch_size} ({cfg.n_patches} per image), "
         f"{len(labels)} training digits")
     budget = args.minutes * 60
@@ -174,18 +199,11 @@ def train(args, log=print):
         idx = order[cursor:cursor + n]
         cursor += n
         seqs = make_sequences(images[idx], labels[idx], gen, args.max_images)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss, lm, ddpm = model.loss(seqs, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        # exponential moving average of the weights, used for sampling; its decay warms up
-        # so that a short run's average does not keep the random initial weights
+        # the EMA of the weights is what samples; its decay warms up so that a short run's
+        # average does not keep the random initial weights
         decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():  # ema += (1 - decay) * (model - ema), all tensors in one call (the foreach API torch.optim uses)
-            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
-        pending.append((step, lm.detach(), ddpm.detach()))
+        lm, ddpm = train_step(model, opt, ema_params, model_params, seqs, gen, decay, bf16)
+        pending.append((step, lm, ddpm))
         step += 1
         now = time.time()
         if now - t_log >= args.log_every or (args.steps and step == args.steps):

@@ -319,7 +319,7 @@ class UNetPatches(nn.Module):
         self.up = ResBlock(2 * c, c, D)
         self.norm_out, self.conv_out = nn.GroupNorm(8, c), nn.Conv2d(c, cfg.channels, 3, padding=1)
         # channels-last (NHWC) memory for the conv weights and activations: the same numbers in
-        # the layout oneDNN and cuDNN convolve fastest (README, "Speed": ~2% faster steps)
+        # the layout oneDNN's CPU convolutions prefer (README, "Speed": ~2% faster steps)
         self.to(memory_format=torch.channels_last)
 
     def encode(self, x, temb):
