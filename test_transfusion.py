@@ -411,7 +411,7 @@ def test_bad_config_and_sampler_arguments_raise():
     with pytest.raises(ValueError, match="patch_size"):
         TransfusionConfig(image_size=28, patch_size=5)
     with pytest.raises(ValueError, match="unet_channels"):
-        TransfusionConfig(patch_encoder="unet", unet_channels=12)
+        TransfusionConfig(patch_encoder="unet", unet_channels=0)
     with pytest.raises(ValueError, match="clean_t"):
         TransfusionConfig(clean_t=0)
     model = tiny_model()
