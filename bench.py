@@ -7,7 +7,9 @@ How close training and sampling run to this machine's limit (like nanoGPT's MFU)
 Prints one table; every figure is a median of several timed runs after warm-up,
 in one process per row group (so each peak-memory figure is its own):
 - the measured peak of a large square matmul in the training precision (fp32 on a CPU,
-  bf16 on a GPU): the limit;
+  bf16 on a GPU): the limit; on a CPU also the same product run as a 1x1 convolution,
+  by oneDNN (the library behind the U-Net's convolutions), which on this project's AMD
+  CPU runs twice as fast as torch.mm's MKL: MFU is given against both;
 - training: ms/step, tokens/s, model FLOP/s and MFU = model FLOP/s / that peak, for the
   default MNIST config, one whole step: data, mask, loss, backward, clip, AdamW, EMA;
 - sampling: seconds for 100 digits with the default sampler, with and without the
@@ -58,6 +60,17 @@ def matmul_peak(device, n=4096, dtype=torch.float32):
     """GFLOP/s of an n x n matmul (2 n^3 FLOPs), median of runs."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / median_time(lambda: a @ b, device, 2, 7) / 1e9
+
+
+def conv_matmul_peak(n=4096):
+    """GFLOP/s of the same n x n x n product run as a 1x1 convolution of an n-channel, n-pixel
+    image: oneDNN's kernels instead of the BLAS behind torch.mm. On this project's AMD CPU the
+    BLAS (MKL) reaches about half of what oneDNN does, so this is the truer limit of the chip;
+    the U-Net's convolutions run on oneDNN (README, "Speed")."""
+    x = torch.randn(1, n, 64, n // 64).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        return 2 * n ** 3 / median_time(lambda: torch.nn.functional.conv2d(x, w), torch.device("cpu"), 2, 7) / 1e9
 
 
 def train_flops_per_step(cfg, n_seq, seq_len):
@@ -196,6 +209,7 @@ def main():
     bf16 = tm.use_bf16(device)
     peak = matmul_peak(device, dtype=torch.bfloat16 if bf16 else torch.float32)
     prec = "bf16" if bf16 else "fp32"
+    peak_dnn = conv_matmul_peak() if device.type == "cpu" else None
     default = tm.DEFAULTS["patch_encoder"]
     encoders = [default, "linear" if default == "unet" else "unet"]
     res = {}
@@ -219,6 +233,13 @@ def main():
                                                                        f"({res['train', e]['counted_gflop']:.2f})"),
         ("train: model GFLOP/s", lambda e: f"{res['train', e]['model_gflops']:.0f}"),
         ("train: MFU (model FLOP/s / peak)", lambda e: pct(res['train', e]['model_gflops'] / peak)),
+    ]
+    if peak_dnn:
+        rows += [
+            ("fp32 matmul as a 1x1 conv (oneDNN; 4096^3)", lambda e: f"{peak_dnn:.0f} GFLOP/s"),
+            ("train: model FLOP/s / that oneDNN peak", lambda e: pct(res['train', e]['model_gflops'] / peak_dnn)),
+        ]
+    rows += [
         ("train: peak memory", lambda e: f"{res['train', e]['peak_mb']:.0f} MB"),
         ("sample 100 digits, KV cache", lambda e: f"{res['sample', e]['sample_s_cache']:.2f} s"),
         ("sample 100 digits, no cache", lambda e: f"{res['sample', e]['sample_s_nocache']:.2f} s"),
