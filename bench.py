@@ -67,10 +67,11 @@ def conv_matmul_peak(n=4096):
     image: oneDNN's kernels instead of the BLAS behind torch.mm. On this project's AMD CPU the
     BLAS (MKL) reaches about half of what oneDNN does, so this is the truer limit of the chip;
     the U-Net's convolutions run on oneDNN (README, "Speed")."""
-    x = torch.randn(1, n, 64, n // 64).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        return 2 * n ** 3 / median_time(lambda: torch.nn.functional.conv2d(x, w), torch.device("cpu"), 2, 7) / 1e9
+    assert n % 64 == 0
+    x = torch.randn(1, n, 64, n // 64).contiguous(memory_format=torch.channels_last)  # (1, n, 64, n/64): n pixels
+    w = torch.randn(n, n, 1, 1)                                                      # n -> n channels
+    sec = median_time(lambda: torch.nn.functional.conv2d(x, w), torch.device("cpu"), 2, 7)
+    return 2 * n ** 3 / sec / 1e9                                   # (n pixels x n) @ (n x n): 2 n^3 FLOPs
 
 
 def train_flops_per_step(cfg, n_seq, seq_len):
@@ -209,7 +210,7 @@ def main():
     bf16 = tm.use_bf16(device)
     peak = matmul_peak(device, dtype=torch.bfloat16 if bf16 else torch.float32)
     prec = "bf16" if bf16 else "fp32"
-    peak_dnn = conv_matmul_peak() if device.type == "cpu" else None
+    peak_dnn = conv_matmul_peak() if device.type == "cpu" and torch.backends.mkldnn.is_available() else None
     default = tm.DEFAULTS["patch_encoder"]
     encoders = [default, "linear" if default == "unet" else "unet"]
     res = {}

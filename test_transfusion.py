@@ -412,6 +412,7 @@ def test_bad_config_and_sampler_arguments_raise():
         TransfusionConfig(image_size=28, patch_size=5)
     with pytest.raises(ValueError, match="unet_channels"):
         TransfusionConfig(patch_encoder="unet", unet_channels=0)
+    TransfusionConfig(patch_encoder="unet", unet_channels=12)  # any width: the GroupNorm has one group
     with pytest.raises(ValueError, match="clean_t"):
         TransfusionConfig(clean_t=0)
     model = tiny_model()

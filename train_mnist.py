@@ -201,8 +201,9 @@ def train(args, log=print):
         seqs = make_sequences(images[idx], labels[idx], gen, args.max_images)
         # the EMA of the weights is what samples; its decay warms up so that a short run's
         # average does not keep the random initial weights. The warm-up term 1 - 9/(10 + step)
-        # stays below --ema 0.9995 until step 17,990, so a 10-minute CPU run (~9,500 steps)
-        # never reaches --ema: it averages over about its last ninth (README, Stage 4)
+        # stays below the default --ema 0.9995 until step 17,990 (0.999: 8,990), so a 10-minute
+        # CPU run (~9,600 steps) never reaches it: it averages over about its last ninth
+        # (README, Stage 4)
         decay = min(args.ema, (1 + step) / (10 + step))
         lm, ddpm = train_step(model, opt, ema_params, model_params, seqs, gen, decay, bf16)
         pending.append((step, lm, ddpm))
@@ -442,7 +443,8 @@ def parse_args(argv=None):
     p.add_argument("--patch-encoder", choices=["linear", "unet"], default=DEFAULTS["patch_encoder"])
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="lambda of Eq. 4 (paper: 5)")
-    p.add_argument("--ema", type=float, default=DEFAULTS["ema"], help="EMA decay of the weights used for sampling, once the warm-up (1+step)/(10+step) exceeds it")
+    p.add_argument("--ema", type=float, default=DEFAULTS["ema"],
+                   help="EMA decay of the weights used for sampling, once the warm-up (1+step)/(10+step) exceeds it")
     p.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"])
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default=DEFAULTS["sampler"])
     p.add_argument("--sample-steps", type=int, default=DEFAULTS["sample_steps"])

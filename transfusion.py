@@ -289,9 +289,9 @@ class LinearPatches(nn.Module):
 class ResBlock(nn.Module):
     """The DDPM U-Net's residual conv block, timestep added between the two convs.
     GroupNorm where the paper's U-Net uses AdaLayerNorm (footnote 7), with one group: each
-    image's mean and variance over all its channels and pixels (DDPM's U-Net: 32 groups of
-    128+ channels). With 8 groups of our 16 channels, PyTorch's CPU GroupNorm in channels-last
-    memory made the whole training step 9% slower, and the model was no better (README, "Speed")."""
+    image's mean and variance over all its channels and pixels (DDPM's U-Net: 32 groups).
+    PyTorch's CPU GroupNorm is slow in channels-last memory with more groups: 8 made the
+    whole training step 9% slower here (README, "Speed")."""
 
     def __init__(self, c_in: int, c_out: int, d_t: int):
         super().__init__()
@@ -322,7 +322,7 @@ class UNetPatches(nn.Module):
         self.up = ResBlock(2 * c, c, D)
         self.norm_out, self.conv_out = nn.GroupNorm(1, c), nn.Conv2d(c, cfg.channels, 3, padding=1)
         # channels-last (NHWC) memory for the conv weights and activations: the same numbers in
-        # the layout oneDNN's CPU convolutions prefer (README, "Speed": ~2% faster steps)
+        # the layout oneDNN's CPU convolutions prefer (README, "Speed": 0-2% faster steps)
         self.to(memory_format=torch.channels_last)
 
     def encode(self, x, temb):
