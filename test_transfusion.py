@@ -479,3 +479,18 @@ def test_training_sequences_follow_the_paper_mix():
     assert s[0][0] == tm.BOS and s[-1][-1] == tm.EOS
     multi = tm.make_sequences(imgs[:300], labels[:300], g, max_images=3)
     assert max(sum(x.is_floating_point() for x in s) for s in multi) == 3
+
+
+def test_checkpoint_of_the_eight_group_unet_is_refused_not_misread(tmp_path):
+    # GroupNorm's weights have the same shape for any group count: without the format
+    # field an old checkpoint would load silently and compute something else
+    import train_mnist as tm
+    model = Transfusion(tiny_config(patch_encoder="unet"))
+    tm.save_checkpoint(model, tmp_path / "new.pt")
+    loaded = tm.load_checkpoint(tmp_path / "new.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    old = torch.load(tmp_path / "new.pt", weights_only=True)
+    del old["format"]
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="earlier version"):
+        tm.load_checkpoint(tmp_path / "old.pt")

@@ -234,14 +234,22 @@ def train(args, log=print):
 # Using a trained model (importable)
 # ---------------------------------------------------------------------------
 
+# 2: the U-Net's GroupNorm has one group. A format-1 U-Net checkpoint (eight groups) has the
+# same tensor shapes, so it would load without error and then compute something else.
+CKPT_FORMAT = 2
+
+
 def save_checkpoint(model, path):
     torch.save({"config": model.cfg.__dict__, "model": model.state_dict(), "vocab": VOCAB,
-                "sample_defaults": getattr(model, "sample_defaults", {})}, path)
+                "sample_defaults": getattr(model, "sample_defaults", {}), "format": CKPT_FORMAT}, path)
 
 
 def load_checkpoint(path, device="cpu") -> Transfusion:
     """A trained Transfusion from ckpt.pt, in eval mode."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
+    if ckpt["config"].get("patch_encoder") == "unet" and ckpt.get("format", 1) != CKPT_FORMAT:
+        raise ValueError(f"{path} was trained by an earlier version of this code (its U-Net's GroupNorm had "
+                         f"8 groups, now 1): train it again")
     model = Transfusion(TransfusionConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     model.sample_defaults = ckpt.get("sample_defaults", {})
@@ -515,7 +523,11 @@ def eval_only(args):
     if not os.path.exists(path):
         print(f"error: --eval-only needs a trained checkpoint at {path}", file=sys.stderr)
         return 1
-    model = load_checkpoint(path)
+    try:
+        model = load_checkpoint(path)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     model.sample_defaults = dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
     if args.clean_t is not None:
         model.cfg.clean_t = args.clean_t
