@@ -74,20 +74,20 @@ def conv_matmul_peak(n=4096):
     return 2 * n ** 3 / sec / 1e9                                   # (n pixels x n) @ (n x n): 2 n^3 FLOPs
 
 
-def train_flops_per_step(cfg, n_seq, seq_len):
+def train_flops_per_step(cfg, seq_lens, n_images):
     """Model FLOPs of one training step (forward + backward = 3 x forward), counted as
     nanoGPT/PaLM do: 2 FLOPs per multiply-add, backward twice the forward.
 
     Per token:   6 * (matmul weights a token passes through)
                  = 6 * (L * (4 D^2 + 3 D F) + D V)     # qkv + wo, SwiGLU (w1, w3, w2), LM head
-               + 6 * L * 2 * S * D                     # attention: QK^T and AV over all S keys
+               + 6 * L * 2 * S * D                     # attention: QK^T and AV over its sequence's S keys
     Per image:   linear patches: 6 * N * 2 * D * C P^2 (proj_in + proj_out)
                  U-Net patches:  6 * (each conv's k^2 * c_in * c_out * H_out * W_out multiply-adds)
-    The LM head runs at every position (patches too), as the code does. Norms, RoPE,
-    softmax and the optimizer are not counted: they are the overhead MFU exposes.
+    The LM head runs at every position (patches too), as the code does. Only real positions
+    count: padding, norms, RoPE, softmax and the optimizer are the overhead MFU exposes.
     """
-    D, L, F_, V, S = cfg.d_model, cfg.n_layers, cfg.ffn_hidden, cfg.vocab_size, seq_len
-    per_token = 6 * (L * (4 * D * D + 3 * D * F_) + D * V) + 6 * L * 2 * S * D
+    D, L, F_, V = cfg.d_model, cfg.n_layers, cfg.ffn_hidden, cfg.vocab_size
+    tokens = sum(S * (6 * (L * (4 * D * D + 3 * D * F_) + D * V) + 6 * L * 2 * S * D) for S in seq_lens)
     N, P, C, H = cfg.n_patches, cfg.patch_size, cfg.channels, cfg.image_size
     if cfg.patch_encoder == "linear":
         per_image = 6 * N * 2 * D * C * P * P
@@ -99,7 +99,7 @@ def train_flops_per_step(cfg, n_seq, seq_len):
                          + conv(3, 2 * c, c, H) + conv(3, c, c, H) + conv(1, 2 * c, c, H)  # up block + skip
                          + conv(3, c, C, H))                                      # conv_out
     per_image += 6 * (256 * D + D * D)                                            # timestep MLP
-    return n_seq * seq_len * per_token + n_seq * per_image
+    return tokens + n_images * per_image
 
 
 def make_args(encoder, device):
@@ -127,25 +127,27 @@ def bench_train(encoder, device, repeats):
         tm.train_step(model, opt, ema_params, model_params, seqs, gen, args.ema, bf16)
 
     sec = median_time(step, device, warmup=3, repeats=repeats)
-    seq_len = cfg.n_patches + 5                                        # BOS d BOI <N> EOI EOS
-    flops = train_flops_per_step(cfg, args.batch_size, seq_len)
-    with FlopCounterMode(display=False) as counter:                    # cross-check of the formula
+    # the FLOPs of an average step: real positions of 20 steps' worth of numbers
+    lens = [sum(cfg.n_patches + 2 if s.is_floating_point() else s.numel() for s in seq)
+            for _ in range(20) for seq in tm.make_sequences(images[:args.batch_size], labels[:args.batch_size], gen)]
+    flops = train_flops_per_step(cfg, lens, 20 * args.batch_size) / 20
+    with FlopCounterMode(display=False) as counter:                    # cross-check (counts padding too)
         idx = torch.randint(0, 4096, (args.batch_size,), generator=gen)
         model.loss(tm.make_sequences(images[idx], labels[idx], gen), generator=gen)[0].backward()
     model.zero_grad(set_to_none=True)
-    return dict(ms_per_step=1000 * sec, tokens_per_s=args.batch_size * seq_len / sec,
+    return dict(ms_per_step=1000 * sec, tokens_per_s=sum(lens) / 20 / sec,
                 gflop_per_step=flops / 1e9, counted_gflop=counter.get_total_flops() / 1e9,
                 model_gflops=flops / sec / 1e9, params_m=model.num_params() / 1e6,
-                batch=args.batch_size, seq_len=seq_len)
+                batch=args.batch_size, seq_len=round(sum(lens) / len(lens)))
 
 
 class ScriptedText(Transfusion):
-    """Without a checkpoint: the text head is scripted (a digit opens an image, EOI ends
-    the sequence) so the benchmark times exactly the path a trained model takes."""
+    """Without a checkpoint: the text head is scripted (";" is followed by a digit, a digit
+    opens an image, EOI ends the sequence) so the benchmark times the path a trained model takes."""
 
     def forward(self, batch, cache=None, commit=True):
         logits, eps = super().forward(batch, cache, commit)
-        nxt = torch.where(batch.tokens < 10, tm.BOI, tm.EOS)
+        nxt = torch.where(batch.tokens == tm.SEP, 7, torch.where(batch.tokens < 10, tm.BOI, tm.EOS))
         return torch.full_like(logits, -1e4).scatter(-1, nxt[..., None], 0.0), eps
 
 
@@ -227,8 +229,8 @@ def main():
     rows = [(f"{prec} matmul peak (4096x4096)", lambda e: f"{peak:.0f} GFLOP/s")]
     rows += [
         ("parameters", lambda e: f"{res['train', e]['params_m']:.2f} M"),
-        ("train: ms/step (batch x tokens)", lambda e: f"{res['train', e]['ms_per_step']:.0f} "
-                                                       f"({res['train', e]['batch']} x {res['train', e]['seq_len']})"),
+        ("train: ms/step (digits, mean positions per number)", lambda e: f"{res['train', e]['ms_per_step']:.0f} "
+                                                       f"({res['train', e]['batch']}, {res['train', e]['seq_len']})"),
         ("train: tokens/s", lambda e: f"{res['train', e]['tokens_per_s']:.0f}"),
         ("train: model GFLOP/step (formula; torch's count)", lambda e: f"{res['train', e]['gflop_per_step']:.2f} "
                                                                        f"({res['train', e]['counted_gflop']:.2f})"),

@@ -424,9 +424,9 @@ def test_bad_config_and_sampler_arguments_raise():
 
 # ---- train_mnist.py on a synthetic stand-in for MNIST ----
 
-def write_fake_mnist(root, n_train=200, n_test=50):
+def write_fake_mnist(root, n_train=200, n_test=50, folder="MNIST"):
     """Tiny MNIST in torchvision's raw layout: digit d is a bright bar at row 2 + 2d."""
-    raw = os.path.join(root, "MNIST", "raw")
+    raw = os.path.join(root, folder, "raw")
     os.makedirs(raw)
     g = torch.Generator().manual_seed(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
@@ -440,23 +440,47 @@ def write_fake_mnist(root, n_train=200, n_test=50):
             f.write(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
 
 
-def test_train_script_end_to_end_on_synthetic_digits(tmp_path):
+TINY_RUN = ["--batch-size", "8", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--ffn-hidden", "64",
+            "--unet-channels", "8", "--sample-steps", "3", "--referee-epochs", "1", "--log-every", "0"]
+NO_EVAL = ["--eval-per-label", "0", "--eval-captions", "0", "--eval-numbers", "0", "--eval-reading", "0"]
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_fake_mnist(str(root))
+    return str(root)
+
+
+def run_script(data, out, *extra, log=None):
     import train_mnist as tm
-    write_fake_mnist(str(tmp_path / "data"))
+    lines = []
+    rc = tm.main(["--data-dir", data, "--out", str(out), *TINY_RUN, *extra], log=log or lines.append)
+    return rc, lines
+
+
+def test_train_script_end_to_end_on_synthetic_digits(fake_data, tmp_path):
+    import train_mnist as tm
     out = tmp_path / "out"
-    rc = tm.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--steps", "4", "--batch-size", "8",
-                  "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--ffn-hidden", "64",
-                  "--unet-channels", "8", "--sample-steps", "3", "--eval-per-label", "2", "--eval-captions", "20",
-                  "--referee-epochs", "1", "--max-images", "2", "--log-every", "0"])
+    rc, lines = run_script(fake_data, out, "--steps", "4", "--eval-per-label", "2", "--eval-captions", "20",
+                           "--eval-numbers", "3", "--eval-reading", "3")
     assert rc == 0
-    for name in ("ckpt.pt", "samples.png", "captions.png", "denoise.png", "loss.png", "mask.png", "referee.pt"):
+    for name in ("ckpt.pt", "samples.png", "captions.png", "denoise.png", "loss.png", "mask.png", "referee.pt",
+                 "numbers.png", "reading.png", "free.png"):
         assert (out / name).stat().st_size > 0, name
+    report = "\n".join(lines)
+    for metric in ("caption accuracy", "label->image", "Frechet distance", "number->images exact",
+                   "images->number exact", "wrong image count"):
+        assert metric in report, metric
     model = tm.load_checkpoint(str(out / "ckpt.pt"))
     assert model.cfg.image_size == 28 and not model.training
     digits = tm.generate_digits(model, torch.tensor([3, 7]), steps=2)
     assert digits.shape == (2, 1, 28, 28) and digits.min() >= 0 and digits.max() <= 1
     caps = tm.caption_digits(model, digits)
     assert caps.shape == (2,) and caps.dtype == torch.long and ((caps >= -1) & (caps <= 9)).all()
+    drawn = tm.draw_number(model, "42", steps=2)
+    assert drawn.dim() == 4 and drawn.shape[1:] == (1, 28, 28)     # k images: what the model drew
+    assert isinstance(tm.read_number(model, digits), str)
 
 
 def test_train_script_missing_data_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
@@ -468,29 +492,249 @@ def test_train_script_missing_data_is_a_message_not_a_traceback(tmp_path, capsys
     assert rc == 1 and "train-images-idx3-ubyte" in err and "Traceback" not in err
 
 
+# ---- handwritten numbers: layouts, caps, prompt boundaries ----
+
 def test_training_sequences_follow_the_paper_mix():
     import train_mnist as tm
     g = torch.Generator().manual_seed(0)
-    imgs, labels = torch.zeros(2000, 1, 28, 28), torch.arange(2000) % 10
+    imgs, labels = torch.zeros(4000, 1, 28, 28), torch.arange(4000) % 10
     seqs = tm.make_sequences(imgs, labels, g)
-    caption_first = sum(not s[1].is_floating_point() or s[0].numel() == 2 for s in seqs) / len(seqs)
+    caption_first = sum(s[0].numel() > 1 for s in seqs) / len(seqs)   # BOS <number> ; ...
     assert 0.77 < caption_first < 0.83                 # §4.1: caption first 80% of the time
-    s = seqs[0]
-    assert s[0][0] == tm.BOS and s[-1][-1] == tm.EOS
-    multi = tm.make_sequences(imgs[:300], labels[:300], g, max_images=3)
-    assert max(sum(x.is_floating_point() for x in s) for s in multi) == 3
+    sizes = [sum(x.is_floating_point() for x in s) for s in seqs]
+    assert sum(sizes) == 4000 and set(sizes) == {1, 2, 3, 4}   # every digit once, numbers of 1-4 digits
+    assert all(0.2 < sizes.count(k) / len(sizes) < 0.3 for k in (1, 2, 3, 4))
+    assert all(s[0][0] == tm.BOS and s[-1][-1] == tm.EOS for s in seqs)
 
 
-def test_checkpoint_of_the_eight_group_unet_is_refused_not_misread(tmp_path):
-    # GroupNorm's weights have the same shape for any group count: without the format
-    # field an old checkpoint would load silently and compute something else
+def stream(seq):
+    """A training sequence as the model sees it: token names, 'img' for each image."""
     import train_mnist as tm
-    model = Transfusion(tiny_config(patch_encoder="unet"))
-    tm.save_checkpoint(model, tmp_path / "new.pt")
-    loaded = tm.load_checkpoint(tmp_path / "new.pt")
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-    old = torch.load(tmp_path / "new.pt", weights_only=True)
-    del old["format"]
-    torch.save(old, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="earlier version"):
-        tm.load_checkpoint(tmp_path / "old.pt")
+    names = []
+    for seg in seq:
+        names += ["img"] if seg.is_floating_point() else [tm.VOCAB[int(t)] for t in seg]
+    return " ".join(names)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_number_layouts_and_noise_caps(k):
+    import train_mnist as tm
+    digits = torch.tensor([2, 0, 2, 6][:k])
+    imgs = torch.zeros(k, 1, 28, 28)
+    num = " ".join(map(str, digits.tolist()))
+    draw = tm.number_sequence(imgs, digits, caption_first=True, layout="paired")
+    grouped = tm.number_sequence(imgs, digits, caption_first=True, layout="grouped")
+    read = tm.number_sequence(imgs, digits, caption_first=False)
+    pairs = " ".join(f"{d} img" for d in digits.tolist())
+    assert stream(draw) == f"<bos> {num} ; {pairs} <eos>"
+    assert stream(grouped) == f"<bos> {num} ; " + " ".join(["img"] * k) + " <eos>"
+    assert stream(read) == "<bos> " + " ".join(["img"] * k) + f" ; {num} <eos>"
+    model = Transfusion(tm.mnist_config(d_model=32, n_heads=2, n_layers=1, ffn_hidden=64, unet_channels=4))
+    model.check_batch([draw, grouped, read])           # all fit max_seq_len
+    # §4.3.4: images before their caption (all of an image-first number) are capped at t <= 500
+    assert model.max_timesteps([draw]) == [1000] * k and model.max_timesteps([grouped]) == [1000] * k
+    assert model.max_timesteps([read]) == [500] * k
+
+
+def test_prompts_end_where_the_training_sequence_switches_mode():
+    # the draw prompt "BOS 2 0 ;" is the training sequence up to where the model takes over
+    # (it writes "2" and opens the first image); the read prompt "BOS img img ;" likewise
+    import train_mnist as tm
+    imgs, digits = torch.zeros(2, 1, 28, 28), torch.tensor([2, 0])
+    draw = stream(tm.number_sequence(imgs, digits, caption_first=True))
+    read = stream(tm.number_sequence(imgs, digits, caption_first=False))
+    assert draw.startswith("<bos> 2 0 ; ") and read.startswith("<bos> img img ; ")
+    assert draw.count(";") == read.count(";") == 1      # one boundary per sequence
+
+
+def number_model_vocab(**kw):
+    return tiny_model(vocab_size=16, **kw)             # the MNIST vocabulary: ten digits, five specials and ";"
+
+
+@pytest.fixture(scope="module")
+def trained_numbers():
+    """A tiny model overfit on two numbers, "35" and "7", in both orders."""
+    import train_mnist as tm
+    torch.manual_seed(0)
+    model = Transfusion(tiny_config(vocab_size=16, cond_drop_prob=0.0))
+    imgs = {"35": torch.stack([image(3), image(5)]), "7": image(7)[None]}
+    seqs = [tm.number_sequence(imgs[n], torch.tensor([int(c) for c in n]), first)
+            for n in imgs for first in (True, False)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        total, _, _ = model.loss(seqs * 6, generator=g)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    return model.eval(), imgs
+
+
+def test_a_tiny_model_opens_one_image_per_digit_then_stops(trained_numbers):
+    import train_mnist as tm
+    model, _ = trained_numbers
+    drawn = tm.draw_numbers(model, ["35", "7"], steps=10)
+    (two, seq2), (one, seq1) = drawn
+    assert len(two) == 2 and len(one) == 1
+    assert seq2[-1][-1] == tm.EOS and seq1[-1][-1] == tm.EOS   # it decided to stop
+    assert [int(seg[-1]) for seg in seq2 if not seg.is_floating_point()][:2] == [3, 5]  # each digit before its image
+
+
+def test_read_number_returns_the_caption_of_its_training_images(trained_numbers):
+    import train_mnist as tm
+    model, imgs = trained_numbers
+    as_01 = {n: (x + 1) / 2 for n, x in imgs.items()}  # read_number takes images in [0, 1]
+    assert tm.read_number(model, as_01["35"]) == "35"
+    assert tm.read_number(model, as_01["7"]) == "7"
+
+
+def test_kv_cache_and_recomputation_agree_on_a_multi_image_prompt():
+    model = number_model_vocab()
+    prompts = [[text(BOS), image(1), image(2), text(15)], [text(BOS, 3, 5, 15, 3), image(4), text(5)]]
+    kw = dict(steps=5, max_new_tokens=5, temperature=1.0, cfg_scale=2.0)
+    fast = model.generate(prompts, generator=torch.Generator().manual_seed(0), **kw)
+    slow = model.generate(prompts, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
+    for a, b in zip(fast, slow):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert x.dtype == y.dtype and (torch.equal(x, y) if not x.is_floating_point() else torch.allclose(x, y, atol=1e-4))
+
+
+# ---- runs defined by steps: reproducible, safe on Ctrl-C, resumable ----
+
+def ckpt_tensors(path):
+    ck = torch.load(path, weights_only=True)
+    return ck, {**{"ema." + k: v for k, v in ck["model"].items()},
+                **{"raw." + k: v for k, v in ck["train"]["model"].items()}}
+
+
+def test_same_seed_same_model(fake_data, tmp_path):
+    for name in ("a", "b"):
+        assert run_script(fake_data, tmp_path / name, "--steps", "6", *NO_EVAL)[0] == 0
+    (ca, ta), (cb, tb) = ckpt_tensors(tmp_path / "a" / "ckpt.pt"), ckpt_tensors(tmp_path / "b" / "ckpt.pt")
+    assert ca["train"]["hist"] == cb["train"]["hist"] and len(ca["train"]["hist"]["lm"]) == 6
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_a_minutes_cap_that_is_not_reached_changes_nothing(fake_data, tmp_path):
+    run_script(fake_data, tmp_path / "a", "--steps", "5", *NO_EVAL)
+    run_script(fake_data, tmp_path / "b", "--steps", "5", "--minutes", "60", *NO_EVAL)
+    (_, ta), (_, tb) = ckpt_tensors(tmp_path / "a" / "ckpt.pt"), ckpt_tensors(tmp_path / "b" / "ckpt.pt")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def ctrl_c_at(step):
+    """A log function that presses Ctrl-C (a real SIGINT) when the progress line of `step` appears."""
+    import signal
+    lines = []
+
+    def log(msg):
+        lines.append(msg)
+        if msg.startswith(f"step {step:6,d}/"):
+            os.kill(os.getpid(), signal.SIGINT)
+    return log, lines
+
+
+def test_ctrl_c_saves_a_loadable_checkpoint_and_says_how_to_resume(fake_data, tmp_path):
+    import train_mnist as tm
+    log, lines = ctrl_c_at(3)
+    rc, _ = run_script(fake_data, tmp_path, "--steps", "8", *NO_EVAL, log=log)
+    assert rc == 130                                   # non-zero, and no exception escaped
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ck["train"]["step"] == 3 and not ck["finished"]
+    assert tm.load_checkpoint(tmp_path / "ckpt.pt").cfg.d_model == 32
+    assert any("--resume" in m for m in lines) and not (tmp_path / "samples.png").exists()   # no evaluation
+
+
+def test_resume_ends_in_the_model_of_the_uninterrupted_run(fake_data, tmp_path, monkeypatch):
+    import train_mnist as tm
+    assert run_script(fake_data, tmp_path / "straight", "--steps", "8", *NO_EVAL)[0] == 0
+    log, _ = ctrl_c_at(4)
+    assert run_script(fake_data, tmp_path / "split", "--steps", "8", *NO_EVAL, log=log)[0] == 130
+    calls = []
+    step_ = tm.train_step
+    monkeypatch.setattr(tm, "train_step", lambda *a, **k: calls.append(1) or step_(*a, **k))
+    assert run_script(fake_data, tmp_path / "split", "--resume", *NO_EVAL)[0] == 0
+    assert len(calls) == 4                             # only the remaining steps were trained
+    (ca, ta), (cb, tb) = ckpt_tensors(tmp_path / "straight" / "ckpt.pt"), ckpt_tensors(tmp_path / "split" / "ckpt.pt")
+    assert cb["finished"] and ca["train"]["hist"] == cb["train"]["hist"]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_resume_refuses_other_settings_and_a_new_run_never_overwrites(fake_data, tmp_path, capsys):
+    log, _ = ctrl_c_at(2)
+    run_script(fake_data, tmp_path, "--steps", "6", *NO_EVAL, log=log)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:               # a flag that differs from the run: refused, named
+        run_script(fake_data, tmp_path, "--resume", "--steps", "9")
+    assert e.value.code == 2 and "--steps 9 differs" in capsys.readouterr().err
+    rc, _ = run_script(fake_data, tmp_path, "--steps", "6")   # no --resume: refused, nothing overwritten
+    assert rc == 1 and "--resume" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert run_script(fake_data, tmp_path, "--resume", *NO_EVAL)[0] == 0
+    rc, _ = run_script(fake_data, tmp_path, "--resume")        # a finished run has nothing to resume
+    assert rc == 1 and "finished" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_our_checkpoint_is_one_line_of_error(tmp_path, capsys):
+    import train_mnist as tm
+    (tmp_path / "bytes").write_bytes(os.urandom(256))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    bad_cfg = {"format": tm.CKPT_FORMAT, "config": {"d_model": 30, "n_heads": 4}, "model": {}}
+    torch.save(bad_cfg, tmp_path / "badcfg.pt")
+    for name, message in (("bytes", "not a checkpoint"), ("other.pt", "not a checkpoint"), ("badcfg.pt", "cannot be built")):
+        with pytest.raises(ValueError, match=message) as e:
+            tm.load_checkpoint(tmp_path / name)
+        assert "\n" not in str(e.value)
+    os.makedirs(tmp_path / "out")
+    os.replace(tmp_path / "bytes", tmp_path / "out" / "ckpt.pt")
+    assert tm.main(["--out", str(tmp_path / "out"), "--eval-only"]) == 1
+    err = capsys.readouterr().err
+    assert "not a checkpoint" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "tpu"], "--device"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--patch-size", "5"], "--patch-size 5"),
+    (["--steps", "-1"], "--steps"),
+    (["--steps", "0"], "--steps"),
+    (["--d-model", "30"], "--d-model"),
+    (["--draw", "20x6"], "--draw"),
+] + ([(["--device", "cuda"], "no CUDA GPU")] if not torch.cuda.is_available() else []))
+def test_bad_command_line_values_are_one_argparse_line(flags, message, capsys):
+    import train_mnist as tm
+    with pytest.raises(SystemExit) as e:
+        tm.parse_args(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+# ---- using a trained model: the command line, Fashion-MNIST, notebook-safe pictures ----
+
+def test_draw_from_the_command_line_saves_a_picture(fake_data, tmp_path, capsys):
+    import train_mnist as tm
+    run_script(fake_data, tmp_path, "--steps", "2", *NO_EVAL)
+    capsys.readouterr()
+    assert tm.main(["--out", str(tmp_path), "--draw", "2026", "--sample-steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "draw_2026.png" in printed and (tmp_path / "draw_2026.png").stat().st_size > 0
+
+
+def test_fashion_mnist_reads_its_own_layout(tmp_path):
+    write_fake_mnist(str(tmp_path / "data"), folder="FashionMNIST")
+    rc, lines = run_script(str(tmp_path / "data"), tmp_path / "out", "--dataset", "fashion", "--steps", "2",
+                           *NO_EVAL)
+    assert rc == 0 and (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_pictures_are_returned_as_figures_without_touching_the_global_backend():
+    import matplotlib
+    from matplotlib.figure import Figure
+    import mnist_eval
+    before = matplotlib.get_backend()
+    fig = mnist_eval.grid_figure(torch.rand(12, 1, 28, 28), ncol=6, titles=[str(i) for i in range(12)])
+    assert isinstance(fig, Figure) and matplotlib.get_backend() == before
+    model = Transfusion(__import__("train_mnist").mnist_config(d_model=32, n_heads=2, n_layers=1, ffn_hidden=64,
+                                                               unet_channels=4))
+    assert isinstance(mnist_eval.mask_figure(model), Figure)

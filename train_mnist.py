@@ -1,52 +1,45 @@
 """
-Train Transfusion on MNIST: one model that writes a digit's label and draws a digit
-from its label, in minutes on a laptop CPU.
+Train Transfusion on handwritten numbers: one model that writes a number and draws it,
+reads a handwritten number back, and does both on its own, on a laptop CPU.
 
-    python train_mnist.py                        # downloads MNIST to ./data, trains 10 min
-    python train_mnist.py --data-dir ../data --minutes 3 --out out3
+    python train_mnist.py --data-dir ../data          # a fixed number of steps, then the metrics
+    python train_mnist.py --out out --resume          # continue an interrupted run
+    python train_mnist.py --out out --draw 2026       # draw a number with a trained model
 
-Sequences use the model's segment format (transfusion.py, section 6):
-    caption first (80%, §4.1 "Data"):   BOS "7" BOI <image> EOI EOS
-    image first   (20%, noise t <= 500, §4.3.4):   BOS BOI <image> EOI "7" EOS
-With --max-images K, sequences of up to K digits: BOS 3 <img> 1 <img> EOS, so the
-model also learns when to open another image and when to stop.
+Training sequences are MNIST numbers of k = 1..4 digits (transfusion.py's segment format):
+    caption first (80%, §4.1 "Data"):  BOS 2 0 ; 2 <img> 0 <img> EOS
+    image first   (20%, t <= 500, §4.3.4):  BOS <img> <img> ; 2 0 EOS
+";" (SEP) closes a block: "the number is complete, draw now" or "these are all the images,
+write now". When drawing, the model writes each digit again just before its image, so every
+image is conditioned on the token right before its BOI, and copying the k-th digit is a
+text task that the LM loss teaches sharply (docs/numbers.md compares the layout without it).
 
-Outputs in --out: ckpt.pt, samples.png, captions.png, denoise.png, loss.png,
-mask.png, referee.pt; and at the end the metrics (caption accuracy, label->image
-accuracy and Frechet distance judged by a small CNN referee).
+Outputs in --out: ckpt.pt (the whole training state: resumable), the pictures, the metrics.
 
 Importable without side effects:
-    from train_mnist import load_checkpoint, generate_digits, caption_digits
+    from train_mnist import load_checkpoint, generate_digits, caption_digits, draw_number, read_number
 """
 import argparse
 import copy
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from transfusion import Transfusion, TransfusionConfig, transfusion_mask
+from transfusion import Transfusion, TransfusionConfig
 
-# vocabulary: the ten digits are their own ids, then the special tokens
-VOCAB = [str(d) for d in range(10)] + ["<pad>", "<bos>", "<boi>", "<eoi>", "<eos>"]
-PAD, BOS, BOI, EOI, EOS = 10, 11, 12, 13, 14
+# vocabulary: the ten digits (or Fashion-MNIST classes) are their own ids, then the special tokens
+VOCAB = [str(d) for d in range(10)] + ["<pad>", "<bos>", "<boi>", "<eoi>", "<eos>", ";"]
+PAD, BOS, BOI, EOI, EOS, SEP = 10, 11, 12, 13, 14, 15
+FASHION = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
-# the default run, tuned on a 2-core CPU (README, "Results")
-DEFAULTS = dict(d_model=128, n_layers=2, n_heads=4, ffn_hidden=344, patch_size=7,
-                patch_encoder="unet", unet_channels=16, batch_size=64, lr=2e-3,
-                warmup=100, ema=0.9995, lam=5.0, cfg_scale=1.75, sampler="ddpm", sample_steps=100)
-
-
-def mnist_config(**overrides) -> TransfusionConfig:
-    """The model config for 28x28 digits with the vocabulary above."""
-    base = dict(vocab_size=len(VOCAB), pad_id=PAD, bos_id=BOS, boi_id=BOI, eoi_id=EOI, eos_id=EOS,
-                image_size=28, channels=1, max_seq_len=64)
-    base.update(overrides)
-    return TransfusionConfig(**base)
+# how a trained model samples unless told otherwise (README "Results": DDPM, 100 of 1000 steps)
+SAMPLING = dict(steps=100, cfg_scale=1.75, sampler="ddpm")
+LAYOUTS = ("paired", "grouped")
 
 
 # ---------------------------------------------------------------------------
@@ -57,20 +50,21 @@ class MissingData(Exception):
     pass
 
 
-def load_mnist(data_dir: str, train: bool, download: bool = True):
-    """MNIST as uint8 images (N, 28, 28) and int64 labels (N,), via torchvision."""
+def load_digits(data_dir: str, train: bool, dataset: str = "mnist", download: bool = True):
+    """MNIST (or Fashion-MNIST) as uint8 images (N, 28, 28) and int64 labels (N,), via torchvision."""
     try:
-        from torchvision.datasets import MNIST
+        from torchvision.datasets import MNIST, FashionMNIST
     except ImportError as e:
         raise MissingData("torchvision is needed to read MNIST: pip install -r requirements.txt") from e
+    cls = FashionMNIST if dataset == "fashion" else MNIST
     try:
-        ds = MNIST(data_dir, train=train, download=download)
+        ds = cls(data_dir, train=train, download=download)
     except Exception as e:  # no network, bad files, ...
+        raw = os.path.join(os.path.abspath(data_dir), cls.__name__, "raw")
         raise MissingData(
-            f"could not load MNIST from {os.path.abspath(data_dir)} ({type(e).__name__}: {e}).\n"
+            f"could not load {cls.__name__} from {os.path.abspath(data_dir)} ({type(e).__name__}: {e}).\n"
             f"Put the four files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-            f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (optionally .gz) in "
-            f"{os.path.join(os.path.abspath(data_dir), 'MNIST', 'raw')} and run again.") from e
+            f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (optionally .gz) in {raw} and run again.") from e
     return ds.data, ds.targets
 
 
@@ -79,29 +73,39 @@ def to_model_range(images_u8):
     return images_u8.float().div(127.5).sub(1).unsqueeze(1)
 
 
-def make_sequences(images, labels, gen, max_images: int = 1, p_caption_first: float = 0.8):
-    """Digits (N, 1, 28, 28) in [-1, 1] and labels (N,) -> N // k training sequences.
-    Caption first 80% of the time (§4.1 "Data"), otherwise image first."""
+def number_sequence(images, digits, caption_first: bool, layout: str = "paired"):
+    """One training sequence for a number: its images (k, 1, 28, 28) and digits (k,).
+    Neighbouring text is one segment: [BOS, 2, 0, SEP, 2], <img>, [0], <img>, [EOS]."""
+    number = [BOS] + digits.tolist() + [SEP]
+    if not caption_first:   # read: the images, then the number (a caption, §4.3.4)
+        return [torch.tensor([BOS])] + list(images) + [torch.tensor([SEP] + digits.tolist() + [EOS])]
+    if layout == "grouped":  # draw: the number, then its images
+        return [torch.tensor(number)] + list(images) + [torch.tensor([EOS])]
+    seq, text = [], number   # draw, "paired": each image right after its own digit
+    for d, img in zip(digits.tolist(), images):
+        seq += [torch.tensor(text + [d]), img]
+        text = []
+    return seq + [torch.tensor([EOS])]
+
+
+def make_sequences(images, labels, gen, max_digits: int = 4, p_caption_first: float = 0.8,
+                   layout: str = "paired"):
+    """Digits (n, 1, 28, 28) in [-1, 1] and labels (n,) -> numbers of k = 1..max_digits digits
+    (k uniform), every digit used once. Caption first 80% of the time (§4.1 "Data")."""
     seqs, i, n = [], 0, len(labels)
     while i < n:
-        k = 1 if max_images == 1 else int(torch.randint(1, max_images + 1, (), generator=gen))
-        k = min(k, n - i)
+        k = min(int(torch.randint(1, max_digits + 1, (), generator=gen)), n - i)
         caption_first = float(torch.rand((), generator=gen)) < p_caption_first
-        seq = [torch.tensor([BOS])]
-        for j in range(i, i + k):
-            label = labels[j:j + 1]
-            seq += [label, images[j]] if caption_first else [images[j], label]
-        seq.append(torch.tensor([EOS]))
-        # merge neighbouring text pieces: [BOS] [7] -> [BOS, 7]
-        merged = []
-        for seg in seq:
-            if merged and not seg.is_floating_point() and not merged[-1].is_floating_point():
-                merged[-1] = torch.cat([merged[-1], seg])
-            else:
-                merged.append(seg)
-        seqs.append(merged)
+        seqs.append(number_sequence(images[i:i + k], labels[i:i + k], caption_first, layout))
         i += k
     return seqs
+
+
+def seq_len_needed(cfg_n_patches: int, max_digits: int) -> int:
+    """Positions of the longest training sequence (paired, caption first), plus room for one
+    more digit and image, so that a model that draws one image too many is seen doing it."""
+    k = max_digits + 1
+    return 1 + k + 1 + k * (1 + cfg_n_patches + 2) + 1
 
 
 # ---------------------------------------------------------------------------
@@ -113,15 +117,22 @@ def configure_optimizer(model, lr: float, weight_decay: float = 0.1):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")  # one kernel for the whole update: ~5% faster steps here
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")  # one kernel for the whole update
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
-def lr_at(progress: float, step: int, lr: float, warmup: int, min_ratio: float = 0.05):
-    """Linear warmup, then cosine decay to lr/20 (the paper: 3e-4 -> 1.5e-5)."""
+def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float = 0.05):
+    """Linear warmup, then cosine decay to lr/20 at the last step (the paper: 3e-4 -> 1.5e-5)."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * step / total)))
+
+
+def ema_decay(step: int, ema: float) -> float:
+    """The EMA of the weights samples; its decay warms up as (1+step)/(10+step) so that a short
+    run's average forgets the random initial weights. That term stays below 0.9995 until step
+    17,990, so the default run averages over roughly its last tenth of steps."""
+    return min(ema, (1 + step) / (10 + step))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -134,17 +145,30 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def mnist_config(**overrides) -> TransfusionConfig:
+    """The model config for 28x28 digits with the vocabulary above."""
+    P = overrides.get("patch_size", TransfusionConfig.patch_size)
+    base = dict(vocab_size=len(VOCAB), pad_id=PAD, bos_id=BOS, boi_id=BOI, eoi_id=EOI, eos_id=EOS,
+                image_size=28, channels=1, max_seq_len=seq_len_needed((28 // P) ** 2 if P > 0 else 1, 4))
+    base.update(overrides)
+    return TransfusionConfig(**base)
+
+
+MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "patch_encoder",
+               "unet_channels", "lam", "image_attention", "image_first_max_t")
+
+
 def model_config(args) -> TransfusionConfig:
     """The model config that the command-line flags ask for."""
-    return mnist_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                        ffn_hidden=args.ffn_hidden, patch_size=args.patch_size,
-                        patch_encoder=args.patch_encoder, unet_channels=args.unet_channels, lam=args.lam,
-                        **({} if args.clean_t is None else dict(clean_t=args.clean_t)))
+    kw = {k: getattr(args, k) for k in MODEL_FLAGS if k in TransfusionConfig.__dataclass_fields__}
+    if args.clean_t is not None:
+        kw["clean_t"] = args.clean_t
+    return mnist_config(max_seq_len=seq_len_needed((28 // args.patch_size) ** 2, args.max_digits), **kw)
 
 
 def use_bf16(device: torch.device, fp32: bool = False) -> bool:
     """bf16 autocast on a GPU that has it (unless --fp32); fp32 on a CPU, where bf16 was
-    no faster (README, "Speed")."""
+    no faster (docs/speed.md)."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported() and not fp32
 
 
@@ -162,426 +186,490 @@ def train_step(model, opt, ema_params, model_params, seqs, gen, ema_decay: float
     return lm.detach(), ddpm.detach()
 
 
-def train(args, log=print):
-    """Train on MNIST for --minutes of wall time (or exactly --steps steps).
-    Returns the EMA model and the loss history."""
-    device = pick_device(args.device)
+# ---------------------------------------------------------------------------
+# Training: a fixed number of steps, safe on Ctrl-C, resumable
+# ---------------------------------------------------------------------------
+
+# the flags that define a run: a resumed run takes them from its checkpoint
+RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "layout", "lr", "warmup", "ema",
+                           "fp32", "dataset", "clean_t")
+# 3: the whole training state, SEP in the vocabulary, numbers. 2: one-group U-Net norms.
+CKPT_FORMAT = 3
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C (SIGINT) asks the loop to stop after the current step; a second one
+    interrupts at once (the last checkpoint on disk is kept: it is replaced atomically)."""
+
+    def __init__(self, log):
+        self.requested, self.log, self.old = False, log, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again: stop now)")
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the old file whole."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def new_state(args, device):
+    """Model, EMA, optimizer and the data stream of a fresh run of seed args.seed."""
     torch.manual_seed(args.seed)
+    model = Transfusion(model_config(args)).to(device)
     gen = torch.Generator().manual_seed(args.seed)
-    images_u8, labels = load_mnist(args.data_dir, train=True)
+    return dict(model=model, ema=copy.deepcopy(model).eval(), opt=configure_optimizer(model, args.lr),
+                gen=gen, step=0, order=None, cursor=0, hist={"step": [], "lm": [], "ddpm": []}, seconds=0.0)
+
+
+def checkpoint(state, args, finished: bool):
+    """Everything a run needs to continue exactly where it stopped, and to sample."""
+    return {"format": CKPT_FORMAT, "vocab": VOCAB, "config": dict(state["ema"].cfg.__dict__),
+            "model": state["ema"].state_dict(), "sample_defaults": sample_defaults(args),
+            "run": {k: getattr(args, k) for k in RUN_FLAGS}, "finished": finished,
+            "train": {"step": state["step"], "model": state["model"].state_dict(),
+                      "opt": state["opt"].state_dict(), "gen": state["gen"].get_state(),
+                      "order": state["order"], "cursor": state["cursor"], "hist": state["hist"],
+                      "seconds": state["seconds"]}}
+
+
+def restore_state(ckpt, args, device):
+    """The training state saved by `checkpoint`, on `device`."""
+    state = new_state(args, device)
+    tr = ckpt["train"]
+    state["model"].load_state_dict(tr["model"])
+    state["ema"].load_state_dict(ckpt["model"])
+    state["opt"].load_state_dict(tr["opt"])
+    state["gen"].set_state(tr["gen"])
+    state.update(step=tr["step"], order=tr["order"], cursor=tr["cursor"], hist=tr["hist"], seconds=tr["seconds"])
+    return state
+
+
+def sample_defaults(args):
+    return dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
+
+
+def train(args, state=None, log=print):
+    """Train for args.steps steps (continuing `state` if given); the LR schedule, the EMA
+    warm-up and the data order follow the step count alone, so the same seed gives the same
+    model on any machine. Saves <out>/ckpt.pt every --ckpt-every minutes and at the end.
+    Returns (state, how): how is "done", "interrupted" (Ctrl-C) or "capped" (--minutes)."""
+    device = pick_device(args.device)
+    images_u8, labels = load_digits(args.data_dir, train=True, dataset=args.dataset)
     images = to_model_range(images_u8)
-    cfg = model_config(args)
-    model = Transfusion(cfg).to(device)
-    ema = copy.deepcopy(model).eval()
+    fresh = state is None
+    state = new_state(args, device) if fresh else state
+    model, ema, opt, gen = state["model"], state["ema"], state["opt"], state["gen"]
     for p in ema.parameters():
         p.requires_grad_(False)
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
-    opt = configure_optimizer(model, args.lr)
     bf16 = use_bf16(device, args.fp32)
+    cfg = model.cfg
     log(f"device {device}{' (bf16 autocast)' if bf16 else ''}, {model.num_params() / 1e6:.2f}M parameters, "
         f"{cfg.patch_encoder} patches {cfg.patch_size}x{cfg.patch_size} ({cfg.n_patches} per image), "
-        f"{len(labels)} training digits")
-    budget = args.minutes * 60
-    hist = {"step": [], "lm": [], "ddpm": []}
+        f"{len(labels)} training digits, {args.batch_size} digits per step, numbers of 1-{args.max_digits} "
+        f"digits ({args.layout} layout)")
+    if not fresh:
+        log(f"resuming at step {state['step']:,} of {args.steps:,}")
+    path = os.path.join(args.out, "ckpt.pt")
     pending = []  # losses as tensors: read them only when printing (no sync every step)
-    order = torch.randperm(len(labels), generator=gen)
-    cursor, step, t_start, t_log = 0, 0, time.time(), time.time()
-    while True:
-        elapsed = time.time() - t_start
-        progress = step / args.steps if args.steps else elapsed / budget
-        if progress >= 1:
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(progress, step, args.lr, args.warmup)
-        n = args.batch_size * args.max_images
-        if cursor + n > len(labels):
-            order, cursor = torch.randperm(len(labels), generator=gen), 0
-        idx = order[cursor:cursor + n]
-        cursor += n
-        seqs = make_sequences(images[idx], labels[idx], gen, args.max_images)
-        # the EMA of the weights is what samples; its decay warms up so that a short run's
-        # average does not keep the random initial weights. The warm-up term 1 - 9/(10 + step)
-        # stays below the default --ema 0.9995 until step 17,990 (0.999: 8,990), so a 10-minute
-        # CPU run (~9,600 steps) never reaches it: it averages over about its last ninth
-        # (README, Stage 4)
-        decay = min(args.ema, (1 + step) / (10 + step))
-        lm, ddpm = train_step(model, opt, ema_params, model_params, seqs, gen, decay, bf16)
-        pending.append((step, lm, ddpm))
-        step += 1
-        now = time.time()
-        if now - t_log >= args.log_every or (args.steps and step == args.steps):
-            for s, a, b in pending:
-                hist["step"].append(s)
-                hist["lm"].append(float(a))
-                hist["ddpm"].append(float(b))
-            pending = []
-            rate = step / (now - t_start)
-            left = (args.steps - step) / rate if args.steps else budget - (now - t_start)
-            k = min(20, len(hist["lm"]))
-            log(f"step {step:5d} | lm {sum(hist['lm'][-k:]) / k:.4f} | ddpm {sum(hist['ddpm'][-k:]) / k:.4f} "
-                f"| {rate:.2f} steps/s | {max(left, 0) / 60:.1f} min left")
-            t_log = now
-    for s, a, b in pending:
-        hist["step"].append(s)
-        hist["lm"].append(float(a))
-        hist["ddpm"].append(float(b))
-    log(f"trained {step} steps ({step * args.batch_size} sequences) in {(time.time() - t_start) / 60:.2f} min")
-    ema.sample_defaults = dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
-    return ema, hist
+
+    def flush():
+        for s, a, b in pending:
+            state["hist"]["step"].append(s)
+            state["hist"]["lm"].append(float(a))
+            state["hist"]["ddpm"].append(float(b))
+        pending.clear()
+
+    t0 = time.time()
+    t_log = t_save = t0
+    start_step, seconds0 = state["step"], state["seconds"]
+    how = "done"
+    with StopOnCtrlC(log) as ctrl_c:
+        while state["step"] < args.steps:
+            if ctrl_c.requested:
+                how = "interrupted"
+                break
+            if args.minutes and time.time() - t0 >= args.minutes * 60:
+                how = "capped"
+                break
+            step = state["step"]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            # the data stream: a fresh permutation of the training digits each epoch
+            if state["order"] is None or state["cursor"] + args.batch_size > len(labels):
+                state["order"], state["cursor"] = torch.randperm(len(labels), generator=gen), 0
+            idx = state["order"][state["cursor"]:state["cursor"] + args.batch_size]
+            state["cursor"] += args.batch_size
+            seqs = make_sequences(images[idx], labels[idx], gen, args.max_digits, layout=args.layout)
+            lm, ddpm = train_step(model, opt, ema_params, model_params, seqs, gen,
+                                  ema_decay(step, args.ema), bf16)
+            pending.append((step, lm, ddpm))
+            state["step"] = step + 1
+            now = time.time()
+            state["seconds"] = seconds0 + now - t0
+            if now - t_log >= args.log_every or state["step"] == args.steps:
+                flush()
+                rate = (state["step"] - start_step) / max(now - t0, 1e-9)
+                k = min(20, len(state["hist"]["lm"]))
+                log(f"step {state['step']:6,d}/{args.steps:,} | lm {sum(state['hist']['lm'][-k:]) / k:.4f} "
+                    f"| ddpm {sum(state['hist']['ddpm'][-k:]) / k:.4f} | {rate:.2f} steps/s "
+                    f"| ETA {(args.steps - state['step']) / rate / 60:.1f} min")
+                t_log = now
+            if now - t_save >= args.ckpt_every * 60:
+                flush()
+                save_atomic(checkpoint(state, args, finished=False), path)
+                t_save = now
+    flush()
+    save_atomic(checkpoint(state, args, finished=how == "done"), path)
+    done = state["step"] - start_step
+    log(f"trained {done:,} steps this run ({state['step']:,} of {args.steps:,}) in {(time.time() - t0) / 60:.2f} min")
+    state["ema"].sample_defaults = sample_defaults(args)
+    return state, how
 
 
 # ---------------------------------------------------------------------------
 # Using a trained model (importable)
 # ---------------------------------------------------------------------------
 
-# 2: the U-Net's GroupNorm has one group. A format-1 U-Net checkpoint (eight groups) has the
-# same tensor shapes, so it would load without error and then compute something else.
-CKPT_FORMAT = 2
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict, checked: ValueError with one line if it is not one of ours."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a checkpoint of train_mnist.py (torch.load: {type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"config", "model", "format"} <= set(ckpt):
+        raise ValueError(f"{path} is not a checkpoint of train_mnist.py (no config/model/format entries)")
+    if ckpt["format"] != CKPT_FORMAT:
+        raise ValueError(f"{path} was written by another version of train_mnist.py (checkpoint format "
+                         f"{ckpt['format']}, this one reads {CKPT_FORMAT}): train it again")
+    return ckpt
 
 
-def save_checkpoint(model, path):
-    torch.save({"config": model.cfg.__dict__, "model": model.state_dict(), "vocab": VOCAB,
-                "sample_defaults": getattr(model, "sample_defaults", {}), "format": CKPT_FORMAT}, path)
+def build_model(ckpt, path="checkpoint") -> Transfusion:
+    """The EMA model of a checkpoint, in eval mode; ValueError with one line if it cannot be built."""
+    try:
+        model = Transfusion(TransfusionConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: its model cannot be built ({first})") from None
+    model.sample_defaults = ckpt.get("sample_defaults", {})
+    return model.eval()
 
 
 def load_checkpoint(path, device="cpu") -> Transfusion:
-    """A trained Transfusion from ckpt.pt, in eval mode."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if ckpt["config"].get("patch_encoder") == "unet" and ckpt.get("format", 1) != CKPT_FORMAT:
-        raise ValueError(f"{path} was trained by an earlier version of this code (its U-Net's GroupNorm had "
-                         f"8 groups, now 1): train it again")
-    model = Transfusion(TransfusionConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    model.sample_defaults = ckpt.get("sample_defaults", {})
-    return model.to(device).eval()
+    """A trained Transfusion from ckpt.pt (its EMA weights), in eval mode."""
+    return build_model(read_checkpoint(path, device), path).to(device)
 
 
 def _sampling(model, steps, cfg_scale, sampler):
-    d = {**dict(steps=DEFAULTS["sample_steps"], cfg_scale=DEFAULTS["cfg_scale"], sampler=DEFAULTS["sampler"]),
-         **getattr(model, "sample_defaults", {})}
+    d = {**SAMPLING, **getattr(model, "sample_defaults", {})}
     return dict(steps=steps or d["steps"], cfg_scale=d["cfg_scale"] if cfg_scale is None else cfg_scale,
                 sampler=sampler or d["sampler"])
 
 
+def _as_model_image(x, device):
+    return (x.float() * 2 - 1).to(device)   # [0, 1] -> the model's [-1, 1]
+
+
 @torch.no_grad()
-def generate_digits(model, labels, *, steps=None, cfg_scale=None, sampler=None, batch_size=250,
-                    seed=0, on_step=None, use_cache=True):
-    """Draw one digit per label (N,): the prompt is BOS "d" and the model opens the image
-    itself (Transfusion.generate). Returns (N, 1, 28, 28) in [0, 1]; a digit the model
-    did not draw comes back blank (and counts as wrong for the referee)."""
+def draw_numbers(model, numbers, *, steps=None, cfg_scale=None, sampler=None, batch_size=250, seed=0,
+                 on_step=None, use_cache=True):
+    """Draw each number (a string of digits): the prompt is BOS <digits> ; and the model itself
+    opens each image and decides when to stop (Transfusion.generate, §3 "Inference").
+    Returns, per number, (images (k, 1, 28, 28) in [0, 1], the full generated sequence):
+    k is what the model drew, never padded."""
     kw = _sampling(model, steps, cfg_scale, sampler)
     gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(numbers), batch_size):
+        chunk = numbers[i:i + batch_size]
+        prompts = [[torch.tensor([BOS] + [int(c) for c in n] + [SEP])] for n in chunk]
+        longest = max(len(n) for n in chunk)
+        seqs = model.generate(prompts, max_new_tokens=2 * longest + 3, generator=gen, on_step=on_step,
+                              use_cache=use_cache, **kw)
+        for seq in seqs:
+            imgs = [((s.float().cpu() + 1) / 2).clamp(0, 1) for s in seq if s.is_floating_point()]
+            out.append((torch.stack(imgs) if imgs else torch.zeros(0, 1, 28, 28), seq))
+    return out
+
+
+def draw_number(model, number: str, **kw):
+    """The images (k, 1, 28, 28) in [0, 1] the model draws for one number, e.g. "2026"."""
+    number = str(number)
+    if not number.isdigit():
+        raise ValueError(f"a number is a string of digits 0-9, not {number!r}")
+    return draw_numbers(model, [number], **kw)[0][0]
+
+
+@torch.no_grad()
+def read_numbers(model, numbers, *, batch_size=500):
+    """Read handwritten numbers: each a tensor (k, 1, 28, 28) in [0, 1]. The prompt is
+    BOS <img> ... <img> ; and the model writes the number (greedy, §4.1) and EOS.
+    Returns strings of the digits written before EOS ("" if none; "?" marks a non-digit)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(numbers), batch_size):
+        chunk = numbers[i:i + batch_size]
+        prompts = [[torch.tensor([BOS])] + [_as_model_image(x, device) for x in imgs] + [torch.tensor([SEP])]
+                   for imgs in chunk]
+        seqs = model.generate(prompts, max_new_tokens=max(len(x) for x in chunk) + 1, steps=1)
+        for p, seq in zip(prompts, seqs):
+            written = seq[len(p) - 1][1:].tolist() if len(seq) == len(p) else []  # after SEP
+            text = ""
+            for tok in written:
+                if tok == EOS:
+                    break
+                text += str(tok) if tok < 10 else "?"
+            out.append(text)
+    return out
+
+
+def read_number(model, images) -> str:
+    """The number the model reads in handwritten digits (k, 1, 28, 28) in [0, 1]."""
+    return read_numbers(model, [images])[0]
+
+
+def generate_digits(model, labels, **kw):
+    """One digit per label (N,), drawn from the prompt BOS "d" ; (a one-digit number).
+    Returns (N, 1, 28, 28) in [0, 1]; a digit the model did not draw comes back blank
+    (and counts as wrong for the referee)."""
     labels = torch.as_tensor(labels).long().flatten()
+    drawn = draw_numbers(model, [str(int(d)) for d in labels], **kw)
     out = torch.zeros(len(labels), 1, 28, 28)
-    for i in range(0, len(labels), batch_size):
-        prompts = [[torch.tensor([BOS, int(d)])] for d in labels[i:i + batch_size]]
-        seqs = model.generate(prompts, max_new_tokens=3, generator=gen, on_step=on_step, use_cache=use_cache, **kw)
-        for j, seq in enumerate(seqs):
-            imgs = [s for s in seq if s.is_floating_point()]
-            if imgs:
-                out[i + j] = (imgs[0].float().cpu() + 1) / 2
-    return out.clamp(0, 1)
+    for i, (imgs, _) in enumerate(drawn):
+        if len(imgs):
+            out[i] = imgs[0]
+    return out
 
 
 @torch.no_grad()
 def caption_digits(model, images, *, batch_size=500):
-    """Label each image (N, 1, 28, 28) in [0, 1]: the prompt is BOS <image> and the model
-    writes the caption (greedy, §4.1). Returns (N,) digits, -1 where it wrote no digit."""
-    device = next(model.parameters()).device
-    out = torch.full((len(images),), -1, dtype=torch.long)
-    for i in range(0, len(images), batch_size):
-        prompts = [[torch.tensor([BOS]), (x.float() * 2 - 1).to(device)] for x in images[i:i + batch_size]]
-        for j, seq in enumerate(model.generate(prompts, max_new_tokens=1)):
-            text = seq[-1] if not seq[-1].is_floating_point() else torch.tensor([])
-            if len(seq) > 2 and len(text) and int(text[0]) < 10:
-                out[i + j] = int(text[0])
-    return out
+    """Label each image (N, 1, 28, 28) in [0, 1]: the prompt is BOS <image> ; (a one-digit
+    number to read) and the model writes the caption. Returns (N,) digits, -1 for a non-digit."""
+    texts = read_numbers(model, [x[None] for x in images], batch_size=batch_size)
+    return torch.tensor([int(t[0]) if t and t[0].isdigit() else -1 for t in texts], dtype=torch.long)
+
+
+def tokens_text(ids, names=None) -> str:
+    """Token ids as text: digits (or class names), and the special tokens by name."""
+    return " ".join((names[i] if names else str(i)) if i < 10 else VOCAB[i] for i in ids)
 
 
 # ---------------------------------------------------------------------------
-# The referee: a small CNN that judges generated digits
+# Command line
 # ---------------------------------------------------------------------------
 
-class Referee(nn.Module):
-    """A LeNet-style CNN (~99% MNIST test accuracy). Its 128-d penultimate layer gives
-    the features of the Frechet distance (as Inception's pool layer does for FID)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
-        self.head = nn.Linear(128, 10)
-
-    def features(self, x):  # x in [0, 1], (N, 1, 28, 28)
-        return self.fc(self.conv((x - 0.1307) / 0.3081))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def train_referee(train_x, train_y, epochs=3, seed=0, log=print):
-    """Adam with a cosine learning-rate decay: ~99% test accuracy in 3 epochs on a CPU."""
-    torch.manual_seed(seed)
-    net = Referee()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    n = len(train_y)
-    total = epochs * math.ceil(n / 128)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
-    for ep in range(epochs):
-        perm = torch.randperm(n)
-        for i in range(0, n, 128):
-            idx = perm[i:i + 128]
-            loss = F.cross_entropy(net(train_x[idx]), train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        log(f"referee epoch {ep + 1}/{epochs} done")
-    return net.eval()
-
-
-@torch.no_grad()
-def batched(fn, x, bs=1000):
-    return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
-
-
-def frechet_distance(a, b):
-    """||mu_a - mu_b||^2 + Tr(Sa + Sb - 2 (Sa Sb)^1/2) between two feature sets (n, d)."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    sa, sb = torch.cov(a.T), torch.cov(b.T)
-    # Tr((Sa Sb)^1/2) = sum of sqrt of the eigenvalues of Sa^1/2 Sb Sa^1/2 (symmetric PSD)
-    ea, va = torch.linalg.eigh(sa)
-    sqrt_a = va @ torch.diag(ea.clamp(min=0).sqrt()) @ va.T
-    eig = torch.linalg.eigvalsh(sqrt_a @ sb @ sqrt_a).clamp(min=0)
-    return float((mu_a - mu_b).pow(2).sum() + sa.trace() + sb.trace() - 2 * eig.sqrt().sum())
+def build_parser():
+    c = TransfusionConfig  # the model's defaults live in one place: its config
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(), allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data-dir", default="./data")
+    a("--dataset", choices=["mnist", "fashion"], default="mnist", help="fashion: Fashion-MNIST's ten classes")
+    a("--out", default="out")
+    a("--device", default="auto", help="auto picks cuda, then mps, then cpu")
+    a("--seed", type=int, default=0)
+    a("--steps", type=int, default=10000, help="training steps: the run's length and its LR schedule")
+    a("--minutes", type=float, default=None, help="optional cap on training wall time (the schedule stays that "
+                                                   "of --steps; the run can be resumed)")
+    a("--resume", action="store_true", help="continue the run saved in <out>/ckpt.pt")
+    a("--ckpt-every", type=float, default=2.0, help="minutes between checkpoints during training")
+    a("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    a("--fp32", action="store_true", help="no bf16 autocast on a GPU: train in fp32, as on a CPU")
+    # data
+    a("--batch-size", type=int, default=64, help="digits per step (in numbers of 1..--max-digits digits)")
+    a("--max-digits", type=int, default=4, help="longest number in training")
+    a("--layout", choices=LAYOUTS, default="paired",
+      help="paired: each image after its own digit; grouped: the number, then its images")
+    # model (TransfusionConfig)
+    for k in ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "unet_channels"):
+        a("--" + k.replace("_", "-"), type=int, default=getattr(c, k))
+    a("--patch-encoder", choices=["linear", "unet"], default=c.patch_encoder)
+    a("--image-attention", choices=["bidirectional", "causal"], default="bidirectional",
+      help="within an image (§3, Table 5)")
+    a("--image-first-max-t", type=int, default=c.image_first_max_t,
+      help="noise cap for images before their caption (§4.3.4); 1000 turns it off")
+    a("--lam", type=float, default=c.lam, help="lambda of Eq. 4 (paper: 5)")
+    a("--clean-t", type=int, default=None,
+      help=f"the timestep a clean image is shown at (default: the checkpoint's, or {c.clean_t})")
+    # optimisation
+    a("--lr", type=float, default=2e-3)
+    a("--warmup", type=int, default=100)
+    a("--ema", type=float, default=0.9995, help="EMA decay of the sampling weights (after its warm-up)")
+    # sampling and evaluation
+    a("--cfg-scale", type=float, default=SAMPLING["cfg_scale"])
+    a("--sampler", choices=["ddpm", "ddim"], default=SAMPLING["sampler"])
+    a("--sample-steps", type=int, default=SAMPLING["steps"])
+    a("--eval-only", action="store_true", help="no training: evaluate <out>/ckpt.pt")
+    a("--draw", metavar="NUMBER", help="no training: draw NUMBER with <out>/ckpt.pt and save a picture")
+    a("--eval-per-label", type=int, default=100, help="generated digits per label for the metrics")
+    a("--eval-captions", type=int, default=10000, help="test digits to caption")
+    a("--eval-numbers", type=int, default=500, help="4-digit numbers to draw")
+    a("--eval-reading", type=int, default=2000, help="handwritten 4-digit test numbers to read")
+    a("--referee-epochs", type=int, default=3)
+    return p
 
 
-# ---------------------------------------------------------------------------
-# Pictures
-# ---------------------------------------------------------------------------
-
-def save_grid(images, path, nrow, titles=None, title=None):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = len(images)
-    ncol = nrow
-    nr = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nr, ncol, figsize=(max(ncol * 0.8, 2.5), nr * (0.95 if titles else 0.8)), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k < n:
-            ax.imshow(images[k, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-            if titles:
-                ax.set_title(titles[k], fontsize=7, pad=2)
-    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if title else (0, 0, 1, 1))
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+def given_flags(parser, argv):
+    """The dests of the flags written on the command line (not left at their defaults)."""
+    given = set()
+    for action in parser._actions:
+        for s in action.option_strings:
+            if any(tok == s or tok.startswith(s + "=") for tok in argv):
+                given.add(action.dest)
+    return given
 
 
-def save_loss_plot(hist, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(8, 3))
-    for a, key, name in ((ax[0], "lm", "LM loss (cross-entropy)"), (ax[1], "ddpm", "diffusion loss (MSE on eps)")):
-        a.plot(hist["step"], hist[key], lw=0.5, alpha=0.4)
-        k = max(1, len(hist[key]) // 50)
-        smooth = [sum(hist[key][max(0, i - k):i + 1]) / len(hist[key][max(0, i - k):i + 1]) for i in range(len(hist[key]))]
-        a.plot(hist["step"], smooth, lw=1.5)
-        a.set_title(name, fontsize=9)
-        a.set_xlabel("step")
-        a.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+def check_args(p, args):
+    """One argparse-style error line naming the flag, for every value that cannot work."""
+    positive = ("steps", "batch_size", "max_digits", "d_model", "n_layers", "n_heads", "ffn_hidden",
+                "patch_size", "unet_channels", "sample_steps", "referee_epochs")
+    for k in positive:
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be at least 1, not {getattr(args, k)}")
+    for k in ("warmup", "eval_per_label", "eval_captions", "eval_numbers", "eval_reading"):
+        if getattr(args, k) < 0:
+            p.error(f"--{k.replace('_', '-')} must be at least 0, not {getattr(args, k)}")
+    for k in ("lr", "ckpt_every", "log_every"):
+        if not getattr(args, k) > 0 and not (k == "log_every" and args.log_every == 0):
+            p.error(f"--{k.replace('_', '-')} must be positive, not {getattr(args, k)}")
+    if args.minutes is not None and not args.minutes > 0:
+        p.error(f"--minutes must be positive, not {args.minutes}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1), not {args.ema}")
+    if args.lam < 0 or args.cfg_scale < 0:
+        p.error("--lam and --cfg-scale must be at least 0")
+    if 28 % args.patch_size:
+        p.error(f"--patch-size {args.patch_size} must divide the image side 28 (1, 2, 4, 7, 14 or 28)")
+    if args.d_model % args.n_heads or (args.d_model // args.n_heads) % 2:
+        p.error(f"--d-model {args.d_model} / --n-heads {args.n_heads} must be an even integer (RoPE rotates pairs)")
+    if not 1 <= args.sample_steps <= 1000:
+        p.error(f"--sample-steps must be in [1, 1000], not {args.sample_steps}")
+    if not 1 <= args.image_first_max_t <= 1000 or (args.clean_t is not None and not 1 <= args.clean_t <= 1000):
+        p.error("--image-first-max-t and --clean-t must be in [1, 1000]")
+    if args.draw is not None and not args.draw.isdigit():
+        p.error(f"--draw takes a number written with the digits 0-9, not {args.draw!r}")
+    if args.device != "auto":
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device!r} is not a device torch knows (cpu, cuda, cuda:1, mps, ...)")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA GPU is available here (try --device cpu)")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            p.error(f"--device {args.device}: MPS is not available here (try --device cpu)")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            p.error(f"--device {args.device}: only cpu, cuda and mps are supported")
+    try:
+        model_config(args)
+    except ValueError as e:
+        p.error(str(e))
 
-
-def save_mask_plot(model, path):
-    """Fig. 4 for one training sequence: the mask of BOS 3 BOI <img> EOI 1 BOI <img> EOI EOS,
-    coloured by what attends to what."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    cfg = model.cfg
-    img = torch.zeros(cfg.channels, cfg.image_size, cfg.image_size)
-    seq = [torch.tensor([BOS, 3]), img, torch.tensor([1]), img, torch.tensor([EOS])]
-    batch = model.collate([model.with_markers(seq)])
-    mask = transfusion_mask(batch.img_id, batch.valid)[0]              # (S, S)
-    is_img = batch.img_id[0] >= 0
-    kind = torch.zeros_like(mask, dtype=torch.long)                    # 0: blocked
-    kind[mask] = 1                                                     # 1: causal
-    kind[mask & is_img[:, None] & is_img[None, :] & ~torch.ones_like(mask).tril()] = 2  # 2: bidirectional in-image
-    names = [VOCAB[t] if not f else "" for t, f in zip(batch.tokens[0].tolist(), is_img.tolist())]
-    fig, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(kind.numpy(), cmap=ListedColormap(["white", "#4C72B0", "#DD8452"]), vmin=0, vmax=2)
-    ticks = [i for i, nm in enumerate(names) if nm]
-    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=7)
-    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=7)
-    ax.set_title("Transfusion attention (Fig. 4): blue causal, orange within-image bidirectional", fontsize=8)
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--out", default="out")
-    p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on a GPU: train in fp32, as on a CPU")
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall time; the LR schedule follows it")
-    p.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead of --minutes")
-    p.add_argument("--max-images", type=int, default=1, help="digits per sequence, up to K")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
-    for k in ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "unet_channels", "batch_size", "warmup"):
-        p.add_argument("--" + k.replace("_", "-"), type=int, default=DEFAULTS[k])
-    p.add_argument("--patch-encoder", choices=["linear", "unet"], default=DEFAULTS["patch_encoder"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="lambda of Eq. 4 (paper: 5)")
-    p.add_argument("--ema", type=float, default=DEFAULTS["ema"],
-                   help="EMA decay of the weights used for sampling, once the warm-up (1+step)/(10+step) exceeds it")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"])
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=DEFAULTS["sampler"])
-    p.add_argument("--sample-steps", type=int, default=DEFAULTS["sample_steps"])
-    p.add_argument("--eval-per-label", type=int, default=100, help="generated digits per label for the metrics")
-    p.add_argument("--eval-captions", type=int, default=10000, help="test digits to caption")
-    p.add_argument("--referee-epochs", type=int, default=3)
-    p.add_argument("--clean-t", type=int, default=None,
-                   help=f"the timestep a clean image is shown at (default: the checkpoint's, or "
-                        f"TransfusionConfig.clean_t = {TransfusionConfig.clean_t} for a new model)")
-    p.add_argument("--eval-only", action="store_true",
-                   help="no training: evaluate <out>/ckpt.pt with the sampler flags and --clean-t given")
-    p.add_argument("--caption-split", choices=["test", "train"], default="test",
-                   help="with --eval-only --eval-per-label 0: caption random digits of this split")
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    if args.eval_per_label < 1 and not args.eval_only:
-        p.error("--eval-per-label must be at least 1 (0 only with --eval-only: captions alone)")
+    check_args(p, args)
+    args.given = given_flags(p, argv)
+    args.parser = p
     return args
 
 
-def evaluate(model, args, log=print):
-    """The three metrics of the README, judged by the referee CNN."""
-    test_u8, test_y = load_mnist(args.data_dir, train=False)
-    test_x = test_u8.float().div(255).unsqueeze(1)                     # (N, 1, 28, 28) in [0, 1]
-    t0 = time.time()
-    ref_path = os.path.join(args.out, "referee.pt")
-    if os.path.exists(ref_path):
-        referee = Referee()
-        referee.load_state_dict(torch.load(ref_path, weights_only=True))
-        referee.eval()
-        log(f"referee loaded from {ref_path}")
-    else:
-        train_u8, train_y = load_mnist(args.data_dir, train=True)
-        referee = train_referee(train_u8.float().div(255).unsqueeze(1), train_y, args.referee_epochs, log=log)
-        torch.save(referee.state_dict(), ref_path)
-    ref_acc = float((batched(referee, test_x).argmax(1) == test_y).float().mean())
-    log(f"referee test accuracy {ref_acc:.2%} ({time.time() - t0:.0f} s)")
-
-    t0 = time.time()
-    labels = torch.arange(10).repeat_interleave(args.eval_per_label)
-    fake = generate_digits(model, labels)
-    gen_acc = float((batched(referee, fake).argmax(1) == labels).float().mean())
-    # Frechet distance on referee features: the generated digits against all 10,000 test
-    # digits; the floor is as many real training digits (random, same labels) scored alike
-    # (MNIST's files are not in random order: their first digits come from other writers)
-    train_u8, train_y = load_mnist(args.data_dir, train=True)
-    g = torch.Generator().manual_seed(0)
-    real_idx = torch.cat([(train_y == d).nonzero().flatten()[torch.randperm(int((train_y == d).sum()), generator=g)]
-                          [:args.eval_per_label] for d in range(10)])
-    f_test = batched(referee.features, test_x)
-    fd = frechet_distance(batched(referee.features, fake), f_test)
-    fd_real = frechet_distance(batched(referee.features, train_u8[real_idx].float().div(255).unsqueeze(1)), f_test)
-    log(f"label->image: {gen_acc:.2%} of {len(labels)} generated digits read as their label; "
-        f"Frechet distance {fd:.1f} (real vs real: {fd_real:.1f}) ({time.time() - t0:.0f} s)")
-
-    t0 = time.time()
-    n = min(args.eval_captions, len(test_y))
-    caps = caption_digits(model, test_x[:n])
-    cap_acc = float((caps == test_y[:n]).float().mean())
-    log(f"caption accuracy {cap_acc:.2%} on {n} test digits ({time.time() - t0:.0f} s)")
-    return dict(referee_acc=ref_acc, gen_acc=gen_acc, fd=fd, fd_real=fd_real, caption_acc=cap_acc,
-                fake=fake, test_x=test_x, caps=caps)
+def resume_args(args, ckpt):
+    """The run's settings from its checkpoint; a differing flag on the command line is an error."""
+    for k in RUN_FLAGS:
+        if k in args.given and getattr(args, k) != ckpt["run"][k]:
+            args.parser.error(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the run being resumed "
+                              f"({ckpt['run'][k]}): a resumed run keeps its settings (or start a new one with "
+                              f"another --out)")
+    for k in RUN_FLAGS:
+        setattr(args, k, ckpt["run"][k])
+    return args
 
 
-def eval_only(args):
-    """Re-measure a trained checkpoint with other sampler settings or another clean_t (the
-    README's tables). With --eval-per-label 0, only the caption accuracy, on --caption-split."""
-    path = os.path.join(args.out, "ckpt.pt")
-    if not os.path.exists(path):
-        print(f"error: --eval-only needs a trained checkpoint at {path}", file=sys.stderr)
-        return 1
-    try:
-        model = load_checkpoint(path)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    model.sample_defaults = dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
-    if args.clean_t is not None:
-        model.cfg.clean_t = args.clean_t
-    print(f"{path}: {args.sampler} {args.sample_steps} steps, CFG {args.cfg_scale}, "
-          f"clean images at t = {model.cfg.clean_t}")
-    if args.eval_per_label > 0:
-        evaluate(model, args)
-        return 0
-    x_u8, y = load_mnist(args.data_dir, train=args.caption_split == "train")
-    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:args.eval_captions]
-    caps = caption_digits(model, x_u8[idx].float().div(255).unsqueeze(1))
-    print(f"caption accuracy {float((caps == y[idx]).float().mean()):.2%} on {len(idx)} random {args.caption_split} digits")
+def draw_main(args, model):
+    from mnist_eval import numbers_figure, save_figure
+    imgs, seq = draw_numbers(model, [args.draw])[0]
+    path = os.path.join(args.out, f"draw_{args.draw}.png")
+    names = FASHION if getattr(args, "dataset", "mnist") == "fashion" else None
+    save_figure(numbers_figure([(args.draw, imgs)], names=names), path)
+    print(f"drew {len(imgs)} image{'s' * (len(imgs) != 1)} for {args.draw}: {path}")
     return 0
 
 
-def main(argv=None):
+def main(argv=None, log=print):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    t0 = time.time()
+    path = os.path.join(args.out, "ckpt.pt")
     try:
-        load_mnist(args.data_dir, train=True)   # fail early, with directions, if the data is missing
-        load_mnist(args.data_dir, train=False)
-        if args.eval_only:
-            return eval_only(args)
-        model, hist = train(args)
-    except MissingData as e:
+        if args.eval_only or args.draw is not None:
+            if not os.path.exists(path):
+                raise ValueError(f"{path} does not exist: train a model first (or give --out)")
+            ckpt = read_checkpoint(path)
+            model = build_model(ckpt, path)
+            if args.draw is not None:
+                return draw_main(args, model)
+            for k in ("cfg_scale", "sampler", "sample_steps"):
+                if k in args.given:
+                    model.sample_defaults[k.replace("sample_", "")] = getattr(args, k)
+            if args.clean_t is not None:
+                model.cfg.clean_t = args.clean_t
+            args.dataset = ckpt["run"].get("dataset", "mnist")
+            from mnist_eval import report
+            report(model, args, None, log=log)
+            return 0
+        state = None
+        if args.resume:
+            if not os.path.exists(path):
+                raise ValueError(f"--resume: there is no checkpoint at {path}")
+            ckpt = read_checkpoint(path)
+            if ckpt.get("finished"):
+                raise ValueError(f"{path} is a finished run ({ckpt['train']['step']:,} steps): nothing to "
+                                 f"resume; evaluate it with --eval-only")
+            args = resume_args(args, ckpt)
+            build_model(ckpt, path)   # its config must build, before anything is touched
+            state = restore_state(ckpt, args, pick_device(args.device))
+        elif os.path.exists(path):
+            ckpt = read_checkpoint(path) if os.path.getsize(path) else {}
+            what = ("a finished run" if ckpt.get("finished") else
+                    f"an unfinished run (step {ckpt['train']['step']:,})" if ckpt else "a file")
+            raise ValueError(f"{path} holds {what}: continue it with --resume, evaluate it with --eval-only, "
+                             f"or train into another --out (nothing was overwritten)")
+        load_digits(args.data_dir, train=True, dataset=args.dataset)   # fail early, with directions
+        load_digits(args.data_dir, train=False, dataset=args.dataset)
+        os.makedirs(args.out, exist_ok=True)
+        state, how = train(args, state, log=log)
+    except (MissingData, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    t_train = time.time() - t0
-    save_checkpoint(model, os.path.join(args.out, "ckpt.pt"))
-    t1 = time.time()
-    m = evaluate(model, args)
-    # pictures
-    save_grid(m["fake"][torch.arange(10)[:, None] * args.eval_per_label + torch.arange(min(10, args.eval_per_label))].flatten(0, 1)
-              if args.eval_per_label >= 10 else m["fake"], os.path.join(args.out, "samples.png"), nrow=10,
-              title='row d: digits generated from the prompt "d"')
-    k = min(20, len(m["caps"]))
-    save_grid(m["test_x"][:k], os.path.join(args.out, "captions.png"), nrow=10,
-              titles=[f'"{int(c)}"' if c >= 0 else "?" for c in m["caps"][:k]], title="test digits and the captions the model wrote")
-    frames = []
-    generate_digits(model, torch.tensor([7]), on_step=lambda t, x: frames.append(((x[:1].cpu() + 1) / 2).clamp(0, 1)))
-    if frames:
-        pick = sorted(set(int(round(i)) for i in torch.linspace(0, len(frames) - 1, min(10, len(frames))).tolist()))
-        save_grid(torch.cat([frames[i] for i in pick]), os.path.join(args.out, "denoise.png"), nrow=len(pick),
-                  title='denoising "7" from noise (left) to image (right)')
-    else:  # an undertrained model may answer "7" without opening an image
-        save_grid(torch.zeros(1, 1, 28, 28), os.path.join(args.out, "denoise.png"), nrow=1,
-                  title='the model did not open an image after "7"')
-    save_loss_plot(hist, os.path.join(args.out, "loss.png"))
-    save_mask_plot(model, os.path.join(args.out, "mask.png"))
-    print(f"\nresults ({args.out}): training {t_train / 60:.1f} min, evaluation and pictures {(time.time() - t1) / 60:.1f} min")
-    print(f"  caption accuracy      {m['caption_acc']:.2%}  (MNIST test digits)")
-    print(f"  label->image accuracy {m['gen_acc']:.2%}  (referee: {m['referee_acc']:.2%} test accuracy)")
-    print(f"  Frechet distance      {m['fd']:.1f}  (real vs real {m['fd_real']:.1f})")
+    except KeyboardInterrupt:
+        print(f"\nstopped at once; the last checkpoint written is kept ({path})", file=sys.stderr)
+        return 130
+    if how == "interrupted":
+        log(f"saved {path} at step {state['step']:,} of {args.steps:,}. Continue with:\n"
+            f"    python train_mnist.py --out {args.out} --data-dir {args.data_dir} --resume")
+        return 130
+    if how == "capped":
+        log(f"--minutes {args.minutes:g} reached at step {state['step']:,} of {args.steps:,}: evaluating the model "
+            f"as it stands (continue with --resume)")
+    from mnist_eval import report
+    report(state["ema"], args, state, log=log)
     return 0
 
 

@@ -1,0 +1,361 @@
+"""
+How well a Transfusion trained by train_mnist.py writes, draws and reads, and its pictures.
+
+A small CNN referee (trained on the MNIST training set) judges the images the model draws;
+its penultimate features give a Frechet distance (FID's formula, the referee in place of
+Inception). The metrics, all printed by `python train_mnist.py` at the end of training:
+- caption accuracy: each MNIST test digit is the prompt BOS <image> ; and the model writes
+  its label (greedy, §4.1);
+- label->image: 100 digits per label from BOS "d" ; judged by the referee, and their
+  Frechet distance to the 10,000 test digits;
+- number -> images: random 4-digit numbers, prompt BOS 2 0 2 6 ; : exactly right when the
+  model drew exactly four images, stopped (EOS), and the referee reads each as its digit;
+- images -> number: four MNIST *test* digits, prompt BOS <img> x4 ; : exactly right when the
+  model writes the four digits.
+
+Pictures are matplotlib Figures built without pyplot or a global backend, returned to the
+caller (a notebook shows them inline) and saved by `save_figure`.
+"""
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+import train_mnist as tm
+from transfusion import transfusion_mask
+
+
+# ---------------------------------------------------------------------------
+# The referee: a small CNN that judges generated digits
+# ---------------------------------------------------------------------------
+
+class Referee(nn.Module):
+    """A LeNet-style CNN (~99% MNIST test accuracy). Its 128-d penultimate layer gives
+    the features of the Frechet distance (as Inception's pool layer does for FID)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Linear(128, 10)
+
+    def features(self, x):  # x in [0, 1], (n, 1, 28, 28)
+        return self.fc(self.conv((x - 0.1307) / 0.3081))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_referee(train_x, train_y, epochs=3, seed=0, log=print):
+    """Adam with a cosine learning-rate decay: ~99% test accuracy in 3 epochs on a CPU."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = Referee()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    n = len(train_y)
+    total = epochs * math.ceil(n / 128)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
+    for ep in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, 128):
+            idx = perm[i:i + 128]
+            loss = F.cross_entropy(net(train_x[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        log(f"referee epoch {ep + 1}/{epochs} done")
+    return net.eval()
+
+
+def load_or_train_referee(args, log=print):
+    """The referee of args.out (trained once per folder and dataset, then reused)."""
+    path = os.path.join(args.out, "referee.pt" if args.dataset == "mnist" else f"referee_{args.dataset}.pt")
+    referee = Referee()
+    if os.path.exists(path):
+        referee.load_state_dict(torch.load(path, weights_only=True))
+        log(f"referee loaded from {path}")
+        return referee.eval()
+    x_u8, y = tm.load_digits(args.data_dir, train=True, dataset=args.dataset)
+    referee = train_referee(x_u8.float().div(255).unsqueeze(1), y, args.referee_epochs, log=log)
+    os.makedirs(args.out, exist_ok=True)
+    torch.save(referee.state_dict(), path)
+    return referee
+
+
+@torch.no_grad()
+def batched(fn, x, bs=1000):
+    return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
+
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + Tr(Sa + Sb - 2 (Sa Sb)^1/2) between two feature sets (n, d)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    # Tr((Sa Sb)^1/2) = sum of sqrt of the eigenvalues of Sa^1/2 Sb Sa^1/2 (symmetric PSD)
+    ea, va = torch.linalg.eigh(sa)
+    sqrt_a = va @ torch.diag(ea.clamp(min=0).sqrt()) @ va.T
+    eig = torch.linalg.eigvalsh(sqrt_a @ sb @ sqrt_a).clamp(min=0)
+    return float((mu_a - mu_b).pow(2).sum() + sa.trace() + sb.trace() - 2 * eig.sqrt().sum())
+
+
+# ---------------------------------------------------------------------------
+# The metrics
+# ---------------------------------------------------------------------------
+
+def random_numbers(n, k=4, seed=0):
+    """n random k-digit strings (leading zeros allowed: every digit uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    return ["".join(map(str, row)) for row in torch.randint(0, 10, (n, k), generator=g).tolist()]
+
+
+def evaluate(model, args, log=print):
+    """Every metric of the module docstring; returns them with the samples for the pictures."""
+    test_u8, test_y = tm.load_digits(args.data_dir, train=False, dataset=args.dataset)
+    test_x = test_u8.float().div(255).unsqueeze(1)                      # (n, 1, 28, 28) in [0, 1]
+    t0 = time.time()
+    referee = load_or_train_referee(args, log)
+    m = dict(test_x=test_x, test_y=test_y)
+    m["referee_acc"] = float((batched(referee, test_x).argmax(1) == test_y).float().mean())
+    log(f"referee test accuracy {m['referee_acc']:.2%} ({time.time() - t0:.0f} s)")
+
+    # one digit from its label, and the Frechet distance to the test set; the floor is as many
+    # real training digits (random, same labels) scored alike
+    t0 = time.time()
+    labels = torch.arange(10).repeat_interleave(args.eval_per_label)
+    if len(labels):
+        fake = tm.generate_digits(model, labels)
+        m["gen_acc"] = float((batched(referee, fake).argmax(1) == labels).float().mean())
+        train_u8, train_y = tm.load_digits(args.data_dir, train=True, dataset=args.dataset)
+        g = torch.Generator().manual_seed(0)
+        real_idx = torch.cat([(train_y == d).nonzero().flatten()[torch.randperm(int((train_y == d).sum()), generator=g)]
+                              [:args.eval_per_label] for d in range(10)])
+        f_test = batched(referee.features, test_x)
+        m["fd"] = frechet_distance(batched(referee.features, fake), f_test)
+        m["fd_real"] = frechet_distance(batched(referee.features, train_u8[real_idx].float().div(255).unsqueeze(1)),
+                                        f_test)
+        m["fake"] = fake
+        log(f"label->image: {m['gen_acc']:.2%} of {len(labels)} digits read as their label by the referee; "
+            f"Frechet distance {m['fd']:.1f} (real vs real {m['fd_real']:.1f}) ({time.time() - t0:.0f} s)")
+
+    # one digit to its label
+    t0 = time.time()
+    n = min(args.eval_captions, len(test_y))
+    if n:
+        m["caps"] = tm.caption_digits(model, test_x[:n])
+        m["caption_acc"] = float((m["caps"] == test_y[:n]).float().mean())
+        log(f"caption accuracy {m['caption_acc']:.2%} on {n} test digits ({time.time() - t0:.0f} s)")
+
+    # 4-digit numbers to images
+    t0 = time.time()
+    if args.eval_numbers:
+        numbers = random_numbers(args.eval_numbers, seed=0)
+        drawn = tm.draw_numbers(model, numbers, seed=1)
+        right_count, digit_ok = [], []
+        for number, (imgs, seq) in zip(numbers, drawn):
+            stopped = not seq[-1].is_floating_point() and int(seq[-1][-1]) == tm.EOS
+            right_count.append(len(imgs) == len(number) and stopped)
+            read = batched(referee, imgs).argmax(1).tolist() if len(imgs) else []
+            digit_ok.append([j < len(read) and read[j] == int(c) for j, c in enumerate(number)])
+        ok = torch.tensor(digit_ok, dtype=torch.float)                   # (n, 4)
+        rc = torch.tensor(right_count)
+        m["draw_exact"] = float((rc & (ok.min(1).values == 1)).float().mean())
+        m["draw_digit"] = float(ok.mean())
+        m["draw_count_wrong"] = 1 - float(rc.float().mean())
+        m["drawn"] = list(zip(numbers, drawn))
+        log(f"number->images: {m['draw_exact']:.2%} of {len(numbers)} 4-digit numbers drawn exactly right "
+            f"({m['draw_digit']:.2%} of digits; wrong image count {m['draw_count_wrong']:.2%}) "
+            f"({time.time() - t0:.0f} s)")
+
+    # handwritten 4-digit test numbers to text
+    t0 = time.time()
+    if args.eval_reading:
+        g = torch.Generator().manual_seed(2)
+        idx = torch.randint(0, len(test_y), (args.eval_reading, 4), generator=g)
+        truth = ["".join(map(str, row)) for row in test_y[idx].tolist()]
+        read = tm.read_numbers(model, list(test_x[idx]))                 # each (4, 1, 28, 28)
+        m["read_exact"] = sum(r == t for r, t in zip(read, truth)) / len(truth)
+        m["read_digit"] = sum(j < len(r) and r[j] == c for r, t in zip(read, truth)
+                              for j, c in enumerate(t)) / (4 * len(truth))
+        m["reading"] = [(test_x[i], t, r) for i, t, r in zip(idx[:8], truth[:8], read[:8])]
+        log(f"images->number: {m['read_exact']:.2%} of {len(truth)} handwritten 4-digit test numbers read "
+            f"exactly right ({m['read_digit']:.2%} of digits) ({time.time() - t0:.0f} s)")
+    return m
+
+
+# ---------------------------------------------------------------------------
+# Pictures: each function returns a Figure; save_figure writes it
+# ---------------------------------------------------------------------------
+
+def save_figure(fig, path, dpi=90):
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def grid_figure(images, ncol, titles=None, title=None, cell=0.9):
+    """Images (n, 1, 28, 28) in [0, 1] in rows of ncol, with optional per-image titles."""
+    n = len(images)
+    nrow = max(1, math.ceil(n / ncol))
+    row_h = cell + (0.3 if titles else 0.0)
+    fig = Figure(figsize=(ncol * cell, nrow * row_h + (0.4 if title else 0.1)))
+    top = 1 - (0.4 / fig.get_figheight() if title else 0.02)
+    axes = fig.subplots(nrow, ncol, squeeze=False,
+                        gridspec_kw=dict(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.05,
+                                         hspace=0.35 if titles else 0.05))
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(images[k, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            if titles:
+                ax.set_title(titles[k], fontsize=8, pad=2)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def loss_figure(hist):
+    fig = Figure(figsize=(8, 3))
+    axes = fig.subplots(1, 2)
+    for ax, key, name in ((axes[0], "lm", "LM loss (cross-entropy)"), (axes[1], "ddpm", "diffusion loss (MSE on eps)")):
+        ys = hist[key]
+        ax.plot(hist["step"], ys, lw=0.5, alpha=0.4)
+        k = max(1, len(ys) // 50)
+        ax.plot(hist["step"], [sum(ys[max(0, i - k):i + 1]) / len(ys[max(0, i - k):i + 1]) for i in range(len(ys))], lw=1.5)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    return fig
+
+
+def mask_figure(model):
+    """Fig. 4 for a two-digit training sequence, BOS 2 0 ; 2 <img> 0 <img> EOS, coloured by
+    what attends to what."""
+    from matplotlib.colors import ListedColormap
+    cfg = model.cfg
+    img = torch.zeros(cfg.channels, cfg.image_size, cfg.image_size)
+    seq = tm.number_sequence(torch.stack([img, img]), torch.tensor([2, 0]), caption_first=True)
+    batch = model.collate([model.with_markers(seq)])
+    mask = transfusion_mask(batch.img_id, batch.valid)[0]               # (S, S)
+    is_img = batch.img_id[0] >= 0
+    kind = torch.zeros_like(mask, dtype=torch.long)                     # 0: blocked
+    kind[mask] = 1                                                      # 1: causal
+    kind[mask & is_img[:, None] & is_img[None, :] & ~torch.ones_like(mask).tril()] = 2  # 2: within an image
+    names = [tm.VOCAB[t] if not f else "" for t, f in zip(batch.tokens[0].tolist(), is_img.tolist())]
+    fig = Figure(figsize=(6.5, 6.5))
+    ax = fig.subplots()
+    ax.imshow(kind.numpy(), cmap=ListedColormap(["white", "#4C72B0", "#DD8452"]), vmin=0, vmax=2)
+    ticks = [i for i, nm in enumerate(names) if nm]
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=7)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=7)
+    ax.set_title("Transfusion attention (Fig. 4): blue causal, orange bidirectional within an image", fontsize=8)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    fig.tight_layout()
+    return fig
+
+
+def sequence_items(seq, names=None):
+    """A generated sequence (segments) -> items to draw: text as one string, images in [0, 1]."""
+    items = []
+    for s in seq:
+        if s.is_floating_point():
+            items.append(((s.float().cpu() + 1) / 2).clamp(0, 1))
+        else:
+            items.append(tm.tokens_text(s.tolist(), names))
+    return items
+
+
+def sequences_figure(rows, titles=None, title=None, cell=0.75):
+    """One row per sequence, text and images in order as the model wrote them: rows are lists
+    of items, each a string (text) or an image (1, 28, 28) in [0, 1]."""
+    ncol = max(len(r) for r in rows)
+    fig = Figure(figsize=(ncol * cell * 1.25, len(rows) * (cell + (0.25 if titles else 0)) + 0.45))
+    axes = fig.subplots(len(rows), ncol, squeeze=False,
+                        gridspec_kw=dict(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / fig.get_figheight(),
+                                         wspace=0.08, hspace=0.4 if titles else 0.1))
+    for r, row in enumerate(rows):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c >= len(row):
+                continue
+            if isinstance(row[c], str):
+                ax.text(0.5, 0.5, row[c], ha="center", va="center", fontsize=7, wrap=True)
+            else:
+                ax.imshow(row[c][0].numpy(), cmap="gray", vmin=0, vmax=1)
+        if titles:
+            axes[r][0].set_title(titles[r], fontsize=8, loc="left", pad=2)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def numbers_figure(drawn, names=None):
+    """Numbers and the images drawn for them: [(number, images (k, 1, 28, 28) in [0, 1]), ...]."""
+    rows = [[f'"{n}"'] + list(imgs) for n, imgs in drawn]
+    return sequences_figure(rows, title="numbers drawn from BOS <digits> ; (the model opens each image "
+                                        "and decides when to stop)")
+
+
+def pictures(model, m, hist, out, names=None, log=print):
+    """Save every picture of a run into `out`."""
+    def save(fig, name):
+        save_figure(fig, os.path.join(out, name))
+    if "fake" in m:
+        per = len(m["fake"]) // 10
+        pick = torch.arange(10)[:, None] * per + torch.arange(min(10, per))
+        save(grid_figure(m["fake"][pick.flatten()], ncol=min(10, per),
+                         title='row d: digits drawn from the prompt BOS "d" ;'), "samples.png")
+    if "caps" in m:
+        k = min(20, len(m["caps"]))
+        label = (lambda c: names[c] if names else f'"{c}"')
+        save(grid_figure(m["test_x"][:k], ncol=10, titles=[label(int(c)) if c >= 0 else "?" for c in m["caps"][:k]],
+                         title="test digits and the captions the model wrote"), "captions.png")
+    frames = []
+    tm.generate_digits(model, torch.tensor([7]), on_step=lambda t, x: frames.append(((x[:1].cpu() + 1) / 2).clamp(0, 1)))
+    if frames:
+        pick = sorted(set(round(i) for i in torch.linspace(0, len(frames) - 1, min(8, len(frames))).tolist()))
+        save(grid_figure(torch.cat([frames[i] for i in pick]), ncol=len(pick), cell=1.4,
+                         title='denoising "7" from noise (left) to image (right)'), "denoise.png")
+    if "drawn" in m:
+        save(sequences_figure([sequence_items(seq, names) for _, (_, seq) in m["drawn"][:8]],
+                              title="4-digit numbers drawn: the whole generated sequence"), "numbers.png")
+    if "reading" in m:
+        rows = [list(imgs) + [f"; {read}"] for imgs, _, read in m["reading"]]
+        titles = [f"true {t}, read {r} {'(right)' if t == r else '(WRONG)'}" for _, t, r in m["reading"]]
+        save(sequences_figure(rows, titles, title="handwritten test numbers and what the model wrote after ;"),
+             "reading.png")
+    free = model.generate([[torch.tensor([tm.BOS])] for _ in range(12)], max_new_tokens=16, temperature=1.0,
+                          generator=torch.Generator().manual_seed(3), **tm._sampling(model, None, None, None))
+    save(sequences_figure([sequence_items(s, names) for s in free],
+                          title="free generation from BOS alone (text sampled at temperature 1)"), "free.png")
+    if hist and hist["step"]:
+        save(loss_figure(hist), "loss.png")
+    save(mask_figure(model), "mask.png")
+
+
+def report(model, args, state, log=print):
+    """Evaluate, save the pictures, print the results table of a run."""
+    t0 = time.time()
+    m = evaluate(model, args, log)
+    names = tm.FASHION if args.dataset == "fashion" else None
+    pictures(model, m, state["hist"] if state else None, args.out, names, log)
+    t_eval = time.time() - t0
+    lines = [f"\nresults ({args.out}):"]
+    if state:
+        lines.append(f"  training              {state['seconds'] / 60:.1f} min, {state['step']:,} steps")
+    lines.append(f"  evaluation + pictures {t_eval / 60:.1f} min")
+    for key, name, fmt in (("caption_acc", "caption accuracy", "{:.2%}"), ("gen_acc", "label->image", "{:.2%}"),
+                           ("fd", "Frechet distance", "{:.1f}"), ("draw_exact", "number->images exact", "{:.2%}"),
+                           ("draw_digit", "  per digit", "{:.2%}"), ("draw_count_wrong", "  wrong image count", "{:.2%}"),
+                           ("read_exact", "images->number exact", "{:.2%}"), ("read_digit", "  per digit", "{:.2%}")):
+        if key in m:
+            lines.append(f"  {name:21s} {fmt.format(m[key])}")
+    log("\n".join(lines))
+    return m
