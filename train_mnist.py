@@ -285,6 +285,7 @@ def train(args, state=None, log=print):
         f"digits ({args.layout} layout)")
     if not fresh:
         log(f"resuming at step {state['step']:,} of {args.steps:,}")
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "ckpt.pt")
     pending = []  # losses as tensors: read them only when printing (no sync every step)
 
