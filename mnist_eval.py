@@ -340,6 +340,29 @@ def pictures(model, m, hist, out, names=None, log=print):
     save(mask_figure(model), "mask.png")
 
 
+def cfg_sweep(model, args, scales, log=print):
+    """Label->image accuracy and Frechet distance at each guidance scale (one checkpoint, the
+    same labels and seeds at every scale), and cfg_sweep.png: one row per scale."""
+    test_u8, _ = tm.load_digits(args.data_dir, train=False, dataset=args.dataset)
+    referee = load_or_train_referee(args, log)
+    f_test = batched(referee.features, test_u8.float().div(255).unsqueeze(1))
+    labels = torch.arange(10).repeat_interleave(args.eval_per_label)
+    rows, results = [], []
+    for s in scales:
+        t0 = time.time()
+        fake = tm.generate_digits(model, labels, cfg_scale=s, seed=0)
+        acc = float((batched(referee, fake).argmax(1) == labels).float().mean())
+        fd = frechet_distance(batched(referee.features, fake), f_test)
+        results.append((s, acc, fd))
+        rows.append(fake[torch.arange(10) * args.eval_per_label])           # the first digit of each label
+        log(f"CFG scale {s:g}: label->image {acc:.2%}, Frechet distance {fd:.1f} "
+            f"({len(labels)} digits, {time.time() - t0:.0f} s)")
+    fig = grid_figure(torch.cat(rows), ncol=10, title="one row per CFG scale (top: " +
+                      ", ".join(f"{s:g}" for s in scales) + "); same labels and noise in every row")
+    save_figure(fig, os.path.join(args.out, "cfg_sweep.png"))
+    return results
+
+
 def report(model, args, state, log=print):
     """Evaluate, save the pictures, print the results table of a run."""
     t0 = time.time()

@@ -712,13 +712,17 @@ def test_bad_command_line_values_are_one_argparse_line(flags, message, capsys):
 
 # ---- using a trained model: the command line, Fashion-MNIST, notebook-safe pictures ----
 
-def test_draw_from_the_command_line_saves_a_picture(fake_data, tmp_path, capsys):
+def test_draw_and_cfg_sweep_from_the_command_line_save_pictures(fake_data, tmp_path, capsys):
     import train_mnist as tm
     run_script(fake_data, tmp_path, "--steps", "2", *NO_EVAL)
     capsys.readouterr()
     assert tm.main(["--out", str(tmp_path), "--draw", "2026", "--sample-steps", "2"]) == 0
     printed = capsys.readouterr().out
     assert "draw_2026.png" in printed and (tmp_path / "draw_2026.png").stat().st_size > 0
+    lines = []
+    assert tm.main(["--out", str(tmp_path), "--data-dir", fake_data, "--eval-only", "--cfg-sweep", "1,3",
+                    "--eval-per-label", "1", "--sample-steps", "2", "--referee-epochs", "1"], log=lines.append) == 0
+    assert sum(m.startswith("CFG scale") for m in lines) == 2 and (tmp_path / "cfg_sweep.png").stat().st_size > 0
 
 
 def test_fashion_mnist_reads_its_own_layout(tmp_path):

@@ -431,7 +431,7 @@ def read_numbers(model, numbers, *, batch_size=500):
                    for imgs in chunk]
         seqs = model.generate(prompts, max_new_tokens=max(len(x) for x in chunk) + 1, steps=1)
         for p, seq in zip(prompts, seqs):
-            written = seq[len(p) - 1][1:].tolist() if len(seq) == len(p) else []  # after SEP
+            written = seq[len(p) - 1][1:].tolist()       # the text after SEP, up to an image if one was opened
             text = ""
             for tok in written:
                 if tok == EOS:
@@ -519,6 +519,8 @@ def build_parser():
     a("--sample-steps", type=int, default=SAMPLING["steps"])
     a("--eval-only", action="store_true", help="no training: evaluate <out>/ckpt.pt")
     a("--draw", metavar="NUMBER", help="no training: draw NUMBER with <out>/ckpt.pt and save a picture")
+    a("--cfg-sweep", metavar="S1,S2,...", help="with --eval-only: label->image and Frechet distance at each "
+                                                 "guidance scale, and cfg_sweep.png")
     a("--eval-per-label", type=int, default=100, help="generated digits per label for the metrics")
     a("--eval-captions", type=int, default=10000, help="test digits to caption")
     a("--eval-numbers", type=int, default=500, help="4-digit numbers to draw")
@@ -564,6 +566,14 @@ def check_args(p, args):
         p.error(f"--sample-steps must be in [1, 1000], not {args.sample_steps}")
     if not 1 <= args.image_first_max_t <= 1000 or (args.clean_t is not None and not 1 <= args.clean_t <= 1000):
         p.error("--image-first-max-t and --clean-t must be in [1, 1000]")
+    if args.cfg_sweep is not None:
+        try:
+            assert all(float(x) >= 0 for x in args.cfg_sweep.split(","))
+        except (ValueError, AssertionError):
+            p.error(f"--cfg-sweep takes guidance scales >= 0 separated by commas, e.g. 1,1.5,2,3,5, "
+                    f"not {args.cfg_sweep!r}")
+        if not args.eval_only or args.eval_per_label < 1:
+            p.error("--cfg-sweep goes with --eval-only and --eval-per-label of at least 1")
     if args.draw is not None and not args.draw.isdigit():
         p.error(f"--draw takes a number written with the digits 0-9, not {args.draw!r}")
     if args.device != "auto":
@@ -632,8 +642,13 @@ def main(argv=None, log=print):
             if args.clean_t is not None:
                 model.cfg.clean_t = args.clean_t
             args.dataset = ckpt["run"].get("dataset", "mnist")
-            from mnist_eval import report
-            report(model, args, None, log=log)
+            import mnist_eval
+            if args.cfg_sweep:
+                mnist_eval.cfg_sweep(model, args, [float(s) for s in args.cfg_sweep.split(",")], log=log)
+                return 0
+            tr = ckpt.get("train", {})
+            mnist_eval.report(model, args, dict(hist=tr.get("hist"), seconds=tr.get("seconds", 0),
+                                                step=tr.get("step", 0)), log=log)
             return 0
         state = None
         if args.resume:
