@@ -22,8 +22,13 @@ Deviations from the paper (all made so the model trains on a laptop CPU):
   pretrained VAE (§2.3). Nothing here needs a VAE.
 - Tiny sizes: 0.67M parameters by default (paper: 0.16B-7B, Table 2), a vocabulary
   of 15 tokens (paper: Llama 2's 32k), sequences of tens of tokens (paper: 4096).
-- The U-Net patch encoder has one resolution level and uses GroupNorm (one group)
-  with the timestep added, where the paper's U-Net blocks use AdaLayerNorm (footnote 7).
+- The U-Net patch layers have one resolution level. Their norm follows the paper:
+  footnote 7 replaces the U-Net's AdaLayerNorm by a regular layer norm, and our
+  GroupNorm with one group is one (over each image's C, H, W, with a per-channel
+  scale and shift); the timestep is added between the convs, as in DDPM's U-Net.
+- Linear patches get the timestep embedding after the linear layer, at width D;
+  footnote 6 adds it to each patch vector before. W(p + e) = Wp + We, so a learned
+  D-vector added after can express everything the paper's version can.
 - Each patch token also gets a learned embedding of its index in the image, so
   even the linear encoder knows where a patch sits; the paper does not say how it
   tells patch positions apart beyond the sequence's RoPE.
@@ -279,6 +284,7 @@ class LinearPatches(nn.Module):
 
     def encode(self, x, temb):
         """Images x_t (M, C, H, W) and their timestep embedding (M, D) -> tokens (M, N, D)."""
+        # footnote 6 adds the timestep to each patch before proj_in; after it, at width D, is the same family
         return self.proj_in(patchify(x, self.P)) + temb[:, None, :], None
 
     def decode(self, h, temb, skip):
@@ -288,10 +294,9 @@ class LinearPatches(nn.Module):
 
 class ResBlock(nn.Module):
     """The DDPM U-Net's residual conv block, timestep added between the two convs.
-    GroupNorm where the paper's U-Net uses AdaLayerNorm (footnote 7), with one group: each
-    image's mean and variance over all its channels and pixels (DDPM's U-Net: 32 groups).
-    PyTorch's CPU GroupNorm is slow in channels-last memory with more groups: 8 made the
-    whole training step 9% slower here (README, "Speed")."""
+    Its norm is the paper's (footnote 7: a regular layer norm in place of AdaLayerNorm):
+    GroupNorm with one group normalises each image over all its channels and pixels, a
+    layer norm over (C, H, W) with a per-channel scale and shift (DDPM's U-Net: 32 groups)."""
 
     def __init__(self, c_in: int, c_out: int, d_t: int):
         super().__init__()
@@ -321,12 +326,8 @@ class UNetPatches(nn.Module):
         self.from_tokens = nn.ConvTranspose2d(D, c, P, stride=P)
         self.up = ResBlock(2 * c, c, D)
         self.norm_out, self.conv_out = nn.GroupNorm(1, c), nn.Conv2d(c, cfg.channels, 3, padding=1)
-        # channels-last (NHWC) memory for the conv weights and activations: the same numbers in
-        # the layout oneDNN's CPU convolutions prefer (README, "Speed": 0-2% faster steps)
-        self.to(memory_format=torch.channels_last)
 
     def encode(self, x, temb):
-        x = x.contiguous(memory_format=torch.channels_last)
         skip = self.down(self.conv_in(x), temb)                         # (M, c, H, W)
         h = self.to_tokens(skip)                                        # (M, D, H/P, W/P)
         return h.flatten(2).transpose(1, 2) + temb[:, None, :], skip    # (M, N, D), raster order
@@ -334,7 +335,7 @@ class UNetPatches(nn.Module):
     def decode(self, h, temb, skip):
         M, N, D = h.shape
         side = math.isqrt(N)
-        h = self.from_tokens(h.transpose(1, 2).reshape(M, D, side, side))  # (M, c, H, W); already NHWC in memory
+        h = self.from_tokens(h.transpose(1, 2).reshape(M, D, side, side))  # (M, c, H, W)
         h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, c, H, W)
         return self.conv_out(F.silu(self.norm_out(h)))                  # (M, C, H, W)
 
