@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from transfusion import (Transfusion, TransfusionConfig, add_noise, classifier_free_guidance, cosine_alpha_bar,
-                         ddim_step, ddpm_step, patchify, sampling_timesteps, transfusion_mask, unpatchify)
+                         ddim_step, ddpm_step, drop_condition, max_timesteps, objective, patchify,
+                         sampling_timesteps, transfusion_mask, unpatchify)
 
 BOS, BOI, EOI, EOS, PAD = 11, 12, 13, 14, 10
 
@@ -196,17 +197,17 @@ def test_no_lm_loss_at_boi_patches_or_padding():
     batch = model.collate(seqs)
     logits, eps_hat = model(batch)
     eps = torch.randn_like(eps_hat)
-    base = model.objective(batch, logits, eps_hat, eps)[1]
+    base = objective(model.cfg, batch, logits, eps_hat, eps)[1]
     no_loss_inputs = (batch.tokens == BOI) | ~batch.valid | (batch.img_id >= 0)
     noisy = logits + 10 * torch.randn_like(logits) * no_loss_inputs[..., None]
-    assert torch.allclose(model.objective(batch, noisy, eps_hat, eps)[1], base)
+    assert torch.allclose(objective(model.cfg, batch, noisy, eps_hat, eps)[1], base)
     # ... and the targets there (patch and padding ids) are never read
     batch.tokens = batch.tokens.masked_fill((batch.img_id >= 0) | ~batch.valid, 7)
-    assert torch.allclose(model.objective(batch, logits, eps_hat, eps)[1], base)
+    assert torch.allclose(objective(model.cfg, batch, logits, eps_hat, eps)[1], base)
     # while a text input does carry LM loss (here: EOI predicting 5)
     at_eoi = (batch.tokens == EOI)[..., None]
-    assert not torch.allclose(model.objective(batch, logits + 10 * at_eoi * torch.randn_like(logits),
-                                              eps_hat, eps)[1], base)
+    assert not torch.allclose(objective(model.cfg, batch, logits + 10 * at_eoi * torch.randn_like(logits),
+                                        eps_hat, eps)[1], base)
 
 
 def test_lm_loss_trains_the_model_to_open_images():
@@ -216,8 +217,8 @@ def test_lm_loss_trains_the_model_to_open_images():
     logits, eps_hat = model(batch)
     boost = torch.zeros_like(logits)
     boost[0, 1, BOI] = 50.0                            # input "3" predicting BOI
-    lm = model.objective(batch, logits, eps_hat, torch.zeros_like(eps_hat))[1]
-    assert model.objective(batch, logits + boost, eps_hat, torch.zeros_like(eps_hat))[1] < lm
+    lm = objective(model.cfg, batch, logits, eps_hat, torch.zeros_like(eps_hat))[1]
+    assert objective(model.cfg, batch, logits + boost, eps_hat, torch.zeros_like(eps_hat))[1] < lm
 
 
 def test_diffusion_loss_is_a_mean_over_images_of_per_image_mse():
@@ -227,7 +228,7 @@ def test_diffusion_loss_is_a_mean_over_images_of_per_image_mse():
     batch = model.collate(seqs)
     logits, eps_hat = model(batch)
     eps = eps_hat.detach() + torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1)   # image m is off by m+1
-    ddpm = model.objective(batch, logits, eps_hat, eps)[2]
+    ddpm = objective(model.cfg, batch, logits, eps_hat, eps)[2]
     assert torch.allclose(ddpm, torch.tensor((1 + 4 + 9) / 3))  # each image weighs the same
 
 
@@ -242,7 +243,7 @@ def test_images_before_their_caption_are_capped_at_t_500():
     seqs = [[text(BOS), image(0), text(3, EOS)],                   # image first
             [text(BOS, 3), image(1), text(EOS)],                   # caption first
             [text(BOS), image(2), text(4), image(3), text(EOS)]]   # first capped, second not
-    assert model.max_timesteps(seqs) == [500, 1000, 500, 1000]
+    assert max_timesteps(model.cfg, seqs) == [500, 1000, 500, 1000]
 
 
 def test_a_dropped_caption_does_not_cap_the_noise(monkeypatch):
@@ -262,13 +263,13 @@ def test_condition_dropout_leaves_bos_and_the_image():
     contradict the image-first data (BOS <image> EOI -> caption) that trains the captioner."""
     model = tiny_model(cond_drop_prob=1.0)
     x = image(0)
-    dropped = model.drop_condition([[text(BOS, 3), x, text(EOS)], [text(BOS), x, text(3, EOS)],
-                                    [text(BOS, 3), x, text(4), image(1), text(EOS)]])
+    dropped = drop_condition(model.cfg, [[text(BOS, 3), x, text(EOS)], [text(BOS), x, text(3, EOS)],
+                                         [text(BOS, 3), x, text(4), image(1), text(EOS)]])
     assert dropped[0][0].tolist() == [BOS] and dropped[0][1] is x and len(dropped[0]) == 2
     assert len(dropped[2]) == 2 and dropped[2][1] is x
     assert dropped[1][0].tolist() == [BOS] and dropped[1][2].tolist() == [3, EOS]
     keep = TransfusionConfig(**{**model.cfg.__dict__, "cond_drop_prob": 0.0})
-    assert Transfusion(keep).drop_condition([[text(BOS, 3), x]])[0][0].tolist() == [BOS, 3]
+    assert drop_condition(keep, [[text(BOS, 3), x]])[0][0].tolist() == [BOS, 3]
 
 
 # ---- learning and decoding (§3 "Inference") ----
