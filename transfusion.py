@@ -150,8 +150,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> Tuple[torch.Tensor
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the pairs (x[i], x[i + Dh/2]) of q and/or k (..., B, H, S, Dh) by their position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)                                           # (..., Dh/2) each
+    """Rotate the pairs (x[i], x[i + Dh/2]) of q or k (B, H, S, Dh) by their position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)                                           # (B, H, S, Dh/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -195,9 +195,9 @@ class Attention(nn.Module):
         B, S, D = x.shape
         # QKV
         qkv = self.wqkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, S, Dh)
-        # RoPE, on q and k together (one rotation for both: fewer, larger operations)
-        q, k = apply_rope(qkv[:2], cos, sin).unbind(0)                  # (B, H, S, Dh) each
-        v = qkv[2]
+        q, k, v = qkv.unbind(0)                                          # (B, H, S, Dh) each
+        # RoPE
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(layer, k, v, commit)                      # (B, H, L+S, Dh)
         # the mask decides who sees whom: causal text, bidirectional images (section 4)
