@@ -83,6 +83,41 @@ def test_mask_never_attends_to_padding():
     assert mask.any(-1).all()  # every row (padding included) has a key, so softmax is defined
 
 
+def test_causal_image_attention_is_the_plain_lower_triangle_on_valid_keys():
+    """The ablation of §4.3.1: with image_attention="causal" nothing is added to the causal mask."""
+    model = tiny_model()
+    batch = model.collate([model.with_markers([text(BOS), image(0), text(7), image(1)]),
+                           model.with_markers([text(BOS, 4), image(2)])])
+    S = batch.tokens.shape[1]
+    tril = torch.ones(S, S, dtype=torch.bool).tril() & batch.valid[:, None, :]
+    causal = transfusion_mask(batch.img_id, batch.valid, bidirectional=False)
+    assert torch.equal(causal, tril | torch.eye(S, dtype=torch.bool))
+    same_image = (batch.img_id[:, :, None] == batch.img_id[:, None, :]) & (batch.img_id[:, :, None] >= 0)
+    assert torch.equal(transfusion_mask(batch.img_id, batch.valid), causal | same_image)   # the only difference
+
+
+def test_causal_image_attention_stops_later_patches_reaching_earlier_ones():
+    """Linear patches (no U-Net to mix pixels): only the mask can carry the last patch to the first."""
+    bi = tiny_model(patch_encoder="linear")
+    causal = tiny_model(patch_encoder="linear", image_attention="causal")
+    causal.load_state_dict(bi.state_dict())
+    x = image(3)
+    y = x.clone()
+    y[:, 2:, 2:] -= 0.5                                 # the last patch in raster order
+    a, b = [text(BOS, 3), x, text(5)], [text(BOS, 3), y, text(5)]
+    (lb, eb), (lc, ec) = forward(bi, [a]), forward(causal, [a])
+    (_, eb2), (_, ec2) = forward(bi, [b]), forward(causal, [b])
+    first = lambda eps: patchify(eps, 2)[0, 0]          # the noise prediction of the first patch
+    last = lambda eps: patchify(eps, 2)[0, -1]
+    assert torch.allclose(first(ec), first(ec2), atol=1e-6)           # causal: the first patch cannot see it
+    assert not torch.allclose(first(eb), first(eb2), atol=1e-4)       # bidirectional: it can
+    assert not torch.allclose(last(ec), last(ec2), atol=1e-4)         # the changed patch itself still moves
+    start = 2 + 1                                                     # BOS 3 BOI, then the patches
+    assert torch.allclose(lb[:, :start], lc[:, :start], atol=1e-6)    # text before the image: same weights, same logits
+    text_only = [[text(BOS, 3, 4, 5)]]
+    assert torch.allclose(forward(bi, text_only)[0], forward(causal, text_only)[0], atol=1e-6)
+
+
 # ---- what each output may depend on ----
 
 def test_changing_a_later_text_token_leaves_earlier_outputs_unchanged():
@@ -416,6 +451,8 @@ def test_bad_config_and_sampler_arguments_raise():
     TransfusionConfig(patch_encoder="unet", unet_channels=12)  # any width: the GroupNorm has one group
     with pytest.raises(ValueError, match="clean_t"):
         TransfusionConfig(clean_t=0)
+    with pytest.raises(ValueError, match="image_attention"):
+        TransfusionConfig(image_attention="full")
     model = tiny_model()
     with pytest.raises(ValueError, match="sampler"):
         model.generate([[text(BOS)]], sampler="euler")

@@ -88,6 +88,7 @@ class TransfusionConfig:
     ffn_hidden: int = 344         # SwiGLU width, ~8/3 d_model as in Llama
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    image_attention: str = "bidirectional"  # within an image (§3); "causal" is the ablation of §4.3.1
     # images (§3): pixels here, VAE latents in the paper (§2.3)
     image_size: int = 28
     channels: int = 1             # paper: 8 latent channels
@@ -117,6 +118,8 @@ class TransfusionConfig:
             raise ValueError("d_model / n_heads must be an even integer (RoPE rotates pairs)")
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
+        if self.image_attention not in ("bidirectional", "causal"):
+            raise ValueError(f"image_attention must be 'bidirectional' or 'causal', not {self.image_attention!r}")
         if self.patch_encoder not in ("linear", "unet"):
             raise ValueError(f"patch_encoder must be 'linear' or 'unet', not {self.patch_encoder!r}")
         if self.patch_encoder == "unet" and self.unet_channels < 1:
@@ -343,20 +346,22 @@ class UNetPatches(nn.Module):
 
 # ---- 4. The Transfusion attention mask (§3 "Transfusion Attention", Fig. 4) ----
 
-def transfusion_mask(img_id, valid):
+def transfusion_mask(img_id, valid, bidirectional: bool = True):
     """Who may attend to whom, for a padded batch.
 
     img_id (B, S): for each position the index of the image its patch belongs to, or
         -1 for text (BOI and EOI are text) and padding.
     valid (B, S): False at padding.
     Returns (B, S, S) bool, True where query i may attend to key j: causal over the
-    whole sequence, plus every pair of patches of the same image (bidirectional),
+    whole sequence, plus, if `bidirectional`, every pair of patches of the same image,
     never a padding key. A padding query sees itself, so no softmax row is empty.
     """
     S = img_id.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=img_id.device).tril()   # (S, S)
-    same_image = (img_id[:, :, None] == img_id[:, None, :]) & (img_id[:, :, None] >= 0)  # (B, S, S)
-    mask = (causal | same_image) & valid[:, None, :]
+    mask = torch.ones(S, S, dtype=torch.bool, device=img_id.device).tril()     # (S, S) causal
+    if bidirectional:  # the paper's choice; causal images lose FID, most with linear patches (Table 5)
+        same_image = (img_id[:, :, None] == img_id[:, None, :]) & (img_id[:, :, None] >= 0)  # (B, S, S)
+        mask = mask | same_image
+    mask = mask & valid[:, None, :]                                             # (B, S, S)
     return mask | torch.eye(S, dtype=torch.bool, device=img_id.device)
 
 
@@ -607,7 +612,8 @@ class Transfusion(nn.Module):
             rows = batch.img_row[:, None].expand(M, N).reshape(-1)      # (M*N,)
             cols = (batch.img_col[:, None] + torch.arange(N, device=h.device)).reshape(-1)  # (M*N,)
             h = h.index_put((rows, cols), patch_tokens.reshape(M * N, -1).to(h.dtype))
-        mask = transfusion_mask(batch.img_id, batch.valid)             # (B, S, S)
+        bidirectional = self.cfg.image_attention == "bidirectional"
+        mask = transfusion_mask(batch.img_id, batch.valid, bidirectional=bidirectional)  # (B, S, S)
         if cache is not None and len(cache):
             # the cached prefix lies wholly before the new tokens: visible wherever it is valid
             mask = torch.cat([cache.valid[:, None, :].expand(B, S, -1), mask], dim=2)  # (B, S, L+S)
