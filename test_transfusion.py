@@ -435,6 +435,18 @@ def test_bad_input_raises_value_error(seq, message):
         model.generate([seq], steps=2)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_image_with_nan_or_inf_raises_naming_the_segment(bad):
+    model = tiny_model()
+    x = image(1)
+    x[0, 2, 3] = bad
+    seqs = [[text(BOS, 3), image(0), text(EOS)], [text(BOS, 4), image(2), text(5), x]]
+    with pytest.raises(ValueError, match="image segment 3 of sequence 1 contains NaN or inf"):
+        model.loss(seqs)
+    with pytest.raises(ValueError, match="image segment 3 of sequence 1 contains NaN or inf"):
+        model.generate(seqs, steps=2)
+
+
 def test_empty_batch_raises():
     model = tiny_model()
     with pytest.raises(ValueError, match="empty"):

@@ -448,11 +448,11 @@ class Batch:
 
 def check_batch(cfg: TransfusionConfig, seqs: Sequence[Sequence[Segment]]):
     """Raise ValueError naming what is wrong with a batch of sequences; nothing is
-    truncated. The token ids of the whole batch are checked at once (fast)."""
+    truncated. The token ids and the pixels of the whole batch are checked at once (fast)."""
     if len(seqs) == 0:
         raise ValueError("empty batch: give at least one sequence")
-    texts = []
-    for seq in seqs:
+    texts, images, where = [], [], []
+    for s, seq in enumerate(seqs):
         if not isinstance(seq, (list, tuple)) or len(seq) == 0:
             raise ValueError("a sequence must be a non-empty list of segments")
         length = 0
@@ -468,11 +468,18 @@ def check_batch(cfg: TransfusionConfig, seqs: Sequence[Sequence[Segment]]):
                 want = (cfg.channels, cfg.image_size, cfg.image_size)
                 if tuple(seg.shape) != want:
                     raise ValueError(f"image segment {i} has shape {tuple(seg.shape)}, expected (C, H, W) = {want}")
+                images.append(seg)
+                where.append((s, i))
                 length += cfg.n_patches + 2  # BOI, patches, EOI
             else:
                 raise ValueError(f"segment {i} has dtype {seg.dtype}: use int64 for text, float for images")
         if length > cfg.max_seq_len:
             raise ValueError(f"sequence of {length} positions is longer than max_seq_len = {cfg.max_seq_len}")
+    if images:  # a NaN would only surface later, as a NaN loss or a blank image
+        finite = torch.stack(images).isfinite().flatten(1).all(1)       # (M,)
+        if not finite.all():
+            s, i = where[int((~finite).nonzero()[0])]
+            raise ValueError(f"image segment {i} of sequence {s} contains NaN or inf")
     reserved = torch.tensor([cfg.pad_id, cfg.boi_id, cfg.eoi_id])
     ids = torch.cat([t.long().cpu() for t in texts])
     if ids.min() >= 0 and ids.max() < cfg.vocab_size and not torch.isin(ids, reserved).any():
