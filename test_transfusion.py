@@ -410,6 +410,34 @@ def test_boi_without_room_for_the_image_ends_the_row():
     assert len(out[0]) == 1 and out[0][0].tolist() == [BOS, 3]   # no half image, no dangling BOI
 
 
+def assert_same_segments(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.allclose(x, y, atol=1e-4) if x.is_floating_point() else torch.equal(x, y)
+
+
+def test_reference_decoding_loop_and_batched_generate_agree():
+    """generate_reference (one prompt, no cache: §3 "Inference" as written) and the batched,
+    KV-cached generate make the same segments from the same seed."""
+    kw = dict(steps=4, max_new_tokens=6, temperature=1.0, cfg_scale=2.0)
+    free = tiny_model()
+    one = tiny_model()
+    force_next_token(one, {3: BOI})                     # BOS 3 BOI <image> EOI EOS
+    two = tiny_model(max_seq_len=20)                    # room for two images of 4 patches, not three
+    force_next_token(two, {3: BOI, EOI: 4, 4: BOI})     # BOS 3 <image> 4 <image> 4, then BOI without room
+    cases = [(free, [text(BOS, 2, 6)], None), (free, [text(BOS), image(5)], None),
+             (one, [text(BOS, 3)], 1), (two, [text(BOS, 3)], 2)]
+    for model, prompt, n_images in cases:
+        for seed in (0, 1):
+            ref = model.generate_reference(prompt, generator=torch.Generator().manual_seed(seed), **kw)
+            fast = model.generate([prompt], generator=torch.Generator().manual_seed(seed), **kw)[0]
+            assert_same_segments(ref, fast)
+            assert len(ref) > len(prompt) or ref[-1].numel() > prompt[-1].numel()   # something was generated
+            if n_images is not None:
+                assert sum(s.is_floating_point() for s in ref) == n_images
+
+
 # ---- bad input gets a clear error ----
 
 @pytest.mark.parametrize("seq, message", [

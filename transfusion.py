@@ -653,6 +653,9 @@ class Transfusion(nn.Module):
     def generate(self, prompts: Sequence[Sequence[Segment]], **kw):
         return generate(self, prompts, **kw)
 
+    def generate_reference(self, prompt: Sequence[Segment], **kw):
+        return generate_reference(self, prompt, **kw)
+
 
 # ---- 8. The training objective (§3 "Training Objective", Eq. 1-4, §4.3.4) ----
 
@@ -782,6 +785,49 @@ def check_decoding(model: Transfusion, prompts, sampler: str, steps: int) -> Lis
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, not {sampler!r}")
     return sampling_timesteps(model.cfg.T, steps)
+
+
+@torch.no_grad()
+def generate_reference(model: Transfusion, prompt: Sequence[Segment], *, max_new_tokens: int = 32,
+                       steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 3.0,
+                       temperature: float = 0.0, top_k: Optional[int] = None,
+                       generator: Optional[torch.Generator] = None, use_cache: bool = True, on_step=None):
+    """§3 "Inference" for ONE prompt, to be read beside the paper: no batch, no KV cache (use_cache
+    is ignored), the whole sequence recomputed at every step. Same arguments, result and use of
+    the random generator as `generate`; a test holds the two equal."""
+    cfg, N, device = model.cfg, model.cfg.n_patches, model.device
+    schedule = check_decoding(model, [prompt], sampler, steps)
+    items, out = with_markers(cfg, prompt), list(prompt)  # what the model reads; what we return
+
+    def read(items):  # the model on the whole sequence: logits (1, S, V), eps_hat (M, C, H, W)
+        return model(collate(cfg, [items], device))
+
+    for _ in range(max_new_tokens):
+        length = n_positions(cfg, items)
+        if length >= cfg.max_seq_len:
+            break
+        tok = int(sample_token(read(items)[0][:, -1], temperature, top_k, generator))  # LM mode
+        if tok in (cfg.pad_id, cfg.eoi_id) or (tok == cfg.boi_id and length + N + 2 > cfg.max_seq_len):
+            break  # never trained on; or no room for BOI, N patches and EOI: no half image
+        items.append(torch.tensor([tok]))
+        if tok == cfg.boi_id:  # diffusion mode: append N patches of pure noise x_T, denoise for `steps`
+            x = torch.randn(1, cfg.channels, cfg.image_size, cfg.image_size, generator=generator).to(device)
+            for t, t_prev in schedule:
+                eps = read(items + [(x[0], t)])[1][-1:]                     # (1, C, H, W) the last image's
+                if cfg_scale != 1:
+                    eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), cfg_scale)
+                noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
+                x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise)  # x_{t_prev} overwrites x_t
+                if on_step is not None:
+                    on_step(t_prev, x)
+            x = x.clamp(-1, 1)
+            items += [(x[0], cfg.clean_t), torch.tensor([cfg.eoi_id])]  # the clean image, EOI: back to LM mode
+            out.append(x[0].cpu())
+        else:
+            append_text(out, tok)
+            if tok == cfg.eos_id:
+                break
+    return out
 
 
 @dataclass
