@@ -288,7 +288,7 @@ class LinearPatches(nn.Module):
 
     def encode(self, x, temb):
         """Images x_t (M, C, H, W) and their timestep embedding (M, D) -> tokens (M, N, D)."""
-        # footnote 6 adds the timestep to each patch before proj_in; after it, at width D, is the same family
+        # footnote 6 adds the timestep to each patch before proj_in; we add it after, at width D (docstring)
         return self.proj_in(patchify(x, self.P)) + temb[:, None, :], None
 
     def decode(self, h, temb, skip):
@@ -618,7 +618,7 @@ class Transfusion(nn.Module):
             patch_tokens = patch_tokens + self.patch_pos                # (M, N, D)
             rows = batch.img_row[:, None].expand(M, N).reshape(-1)      # (M*N,)
             cols = (batch.img_col[:, None] + torch.arange(N, device=h.device)).reshape(-1)  # (M*N,)
-            h = h.index_put((rows, cols), patch_tokens.reshape(M * N, -1).to(h.dtype))
+            h = h.index_put((rows, cols), patch_tokens.reshape(M * N, -1).to(h.dtype))  # (B, S, D)
         bidirectional = self.cfg.image_attention == "bidirectional"
         mask = transfusion_mask(batch.img_id, batch.valid, bidirectional=bidirectional)  # (B, S, S)
         if cache is not None and len(cache):
@@ -648,12 +648,15 @@ class Transfusion(nn.Module):
         return collate(self.cfg, rows, self.device, start_pos)
 
     def loss(self, seqs: Sequence[Sequence[Segment]], generator: Optional[torch.Generator] = None):
+        """(total, lm, ddpm) of Eq. 4 on a batch of sequences: `transfusion_loss`, section 8."""
         return transfusion_loss(self, seqs, generator)
 
     def generate(self, prompts: Sequence[Sequence[Segment]], **kw):
+        """Continue each prompt with text and images: `generate`, section 9 (keywords there)."""
         return generate(self, prompts, **kw)
 
     def generate_reference(self, prompt: Sequence[Segment], **kw):
+        """The same for one prompt, slowly and plainly: `generate_reference`, section 9."""
         return generate_reference(self, prompt, **kw)
 
 
@@ -665,9 +668,9 @@ def drop_condition(cfg: TransfusionConfig, seqs, generator=None):
     learns the unconditional p(image). What followed the image goes too: in our data
     the text after an uncaptioned image is its caption (image-first sequences), and
     training "BOS <image> EOI -> EOS" here would teach the captioner to stop instead.
-    In a sequence of several images, only BOS and the first image stay: the later images
-    and all text go, so BOS <image> is the one unconditional context the model learns
-    (the decoding loops use it for every image: `unconditional_eps`, section 9)."""
+    A caption-first sequence of several images keeps only BOS and its first image too:
+    the later images and all text go, so BOS <image> is the one unconditional context the
+    model learns (the decoding loops use it for every image: `unconditional_eps`, section 9)."""
     out = []
     for seq in seqs:
         r = torch.rand((), generator=generator).item()
@@ -710,7 +713,8 @@ def transfusion_loss(model: Transfusion, seqs: Sequence[Sequence[Segment]],
     # Diffusion forward process, per image and before patchify (§3 "Training Objective"):
     # each image draws its own t uniformly in 1..t_max and its own noise eps.
     x0 = [seg for seq in seqs for seg in seq if seg.is_floating_point()]
-    x0 = torch.stack(x0).to(device) if x0 else torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device)
+    x0 = (torch.stack(x0).to(device) if x0 else
+          torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device))  # (M, C, H, W)
     t = 1 + (torch.rand(len(t_max), generator=generator) * t_max).long()  # (M,) uniform in 1..t_max
     eps = torch.randn(x0.shape, generator=generator).to(device)
     xt = add_noise(x0, t.to(device), eps, model.alpha_bar)           # (M, C, H, W), Eq. 2
@@ -793,8 +797,9 @@ def generate_reference(model: Transfusion, prompt: Sequence[Segment], *, max_new
                        temperature: float = 0.0, top_k: Optional[int] = None,
                        generator: Optional[torch.Generator] = None, use_cache: bool = True, on_step=None):
     """§3 "Inference" for ONE prompt, to be read beside the paper: no batch, no KV cache (use_cache
-    is ignored), the whole sequence recomputed at every step. Same arguments, result and use of
-    the random generator as `generate`; a test holds the two equal."""
+    is ignored), the whole sequence recomputed at every step. It stops at EOS, after
+    max_new_tokens tokens, or when the sequence is full. Same arguments, result and use of the
+    random generator as `generate`; a test holds the two equal."""
     cfg, N, device = model.cfg, model.cfg.n_patches, model.device
     schedule = check_decoding(model, [prompt], sampler, steps)
     items, out = with_markers(cfg, prompt), list(prompt)  # what the model reads; what we return
@@ -814,7 +819,7 @@ def generate_reference(model: Transfusion, prompt: Sequence[Segment], *, max_new
             x = torch.randn(1, cfg.channels, cfg.image_size, cfg.image_size, generator=generator).to(device)
             for t, t_prev in schedule:
                 eps = read(items + [(x[0], t)])[1][-1:]                     # (1, C, H, W) the last image's
-                if cfg_scale != 1:
+                if cfg_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
                     eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), cfg_scale)
                 noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
                 x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise)  # x_{t_prev} overwrites x_t
@@ -916,7 +921,7 @@ def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_ne
                 for i, b in enumerate(drawing):
                     at_t[b] = [(x[i], t)]
                 _, eps = run_rows(model, [r.items for r in rows], at_t, cache, commit=False)
-                if cfg_scale != 1:
+                if cfg_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
                     eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), cfg_scale)
                 noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
                 x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise)
