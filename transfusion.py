@@ -43,13 +43,11 @@ Deviations from the paper (all made so the model trains on a laptop CPU):
   use DiT's 0.1. "Unconditional" means BOS and the image, nothing else: that is
   what a dropped sequence keeps, and the context the decoding loops contrast
   every image with, the first of a sequence or a later one (section 9).
-- A clean image given to the model (in a prompt, or one that finished decoding)
-  is shown as it is, with the timestep embedding of t = clean_t = 50 (alpha_bar
-  0.99, noise std 0.1): t is drawn uniformly, so very few training images sit
-  near t = 1 and the model's embedding of t = 1 is its least trained (MNIST
+- A clean image given to the model (in a prompt, or one just drawn) is shown as
+  it is, with the timestep embedding of t = clean_t = 50 (alpha_bar 0.99): few
+  training images sit near t = 1, so that embedding is the least trained (MNIST
   captions: 97.7% right at t = 1, 98.4% at t = 50; README). Cascaded diffusion
-  models (Ho et al. 2022, "conditioning augmentation") also show their
-  conditioning images at a noise level chosen by validation.
+  (Ho et al. 2022) also shows conditioning images at a validated noise level.
 - A DDIM sampler (Song et al. 2021) is offered beside the paper's DDPM one, for
   fewer steps.
 
@@ -743,10 +741,8 @@ def objective(cfg: TransfusionConfig, batch: Batch, logits, eps_hat, eps):
 
 
 # ---- 9. Decoding (§3 "Inference") ----
-# Two modes, as in training. LM mode samples text token by token; a sampled BOI switches to
-# diffusion mode: N patches of noise are appended and denoised in place, then EOI switches
-# back. `generate` runs this for a batch of prompts with a KV cache; `generate_reference`
-# (one prompt, no cache) is the same loop written to be read beside the paper.
+# Two modes: LM mode samples tokens; BOI switches to diffusion mode, EOI back. Read
+# `generate_reference` (one prompt) first; `generate` is the same for a batch, KV-cached.
 
 def sample_token(logits, temperature: float, top_k: Optional[int], generator):
     """LM mode: greedy (the paper's choice for text, §4.1) or temperature / top-k sampling.
@@ -886,15 +882,11 @@ def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_ne
              steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 3.0,
              temperature: float = 0.0, top_k: Optional[int] = None,
              generator: Optional[torch.Generator] = None, use_cache: bool = True, on_step=None):
-    """Continue each prompt, switching between text and images by itself (§3 "Inference"),
-    as `generate_reference` does for one prompt, for a batch and with a KV cache. Rows take
-    their own paths: one may draw while another writes or has ended; rows that opened an
-    image wait until no row is writing, then draw together.
-
-    Returns, for each prompt, the prompt followed by what was generated, as segments
-    (token tensors without BOI/EOI, images (C, H, W) in [-1, 1]). `on_step(t_prev, x)`,
-    if given, sees the images after each denoising step (for pictures).
-    """
+    """Continue each prompt with text and images (§3 "Inference"), as `generate_reference`
+    does, for a batch and with a KV cache. Each row takes its own path; rows that opened an
+    image wait until no row is writing, then draw together. Returns each prompt followed by
+    what was generated, as segments (token tensors without BOI/EOI, images (C, H, W) in
+    [-1, 1]). `on_step(t_prev, x)`, if given, sees the images after each denoising step."""
     cfg, device = model.cfg, model.device
     schedule = check_decoding(model, prompts, sampler, steps)
     rows = [Row(items=[], out=list(p)) for p in prompts]
