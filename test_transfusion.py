@@ -10,9 +10,14 @@ import pytest
 import torch
 
 from transfusion import (Transfusion, TransfusionConfig, add_noise, classifier_free_guidance, cosine_alpha_bar,
-                         ddim_step, ddpm_step, patchify, sampling_timesteps, transfusion_mask, unpatchify)
+                         ddim_step, ddpm_step, drop_condition, max_timesteps, objective, patchify,
+                         sampling_timesteps, transfusion_mask, unpatchify)
 
 BOS, BOI, EOI, EOS, PAD = 11, 12, 13, 14, 10
+
+# Tiny tensors: one thread is as fast, and several fight any other job for the cores
+# (with a training run beside it on 2 cores, the suite took 151 s instead of 5 s).
+torch.set_num_threads(1)
 
 
 def tiny_config(**kw):
@@ -80,6 +85,41 @@ def test_mask_never_attends_to_padding():
     real_queries = batch.valid[1]
     assert not mask[1][real_queries][:, ~batch.valid[1]].any()
     assert mask.any(-1).all()  # every row (padding included) has a key, so softmax is defined
+
+
+def test_causal_image_attention_is_the_plain_lower_triangle_on_valid_keys():
+    """The ablation of §4.3.1: with image_attention="causal" nothing is added to the causal mask."""
+    model = tiny_model()
+    batch = model.collate([model.with_markers([text(BOS), image(0), text(7), image(1)]),
+                           model.with_markers([text(BOS, 4), image(2)])])
+    S = batch.tokens.shape[1]
+    tril = torch.ones(S, S, dtype=torch.bool).tril() & batch.valid[:, None, :]
+    causal = transfusion_mask(batch.img_id, batch.valid, bidirectional=False)
+    assert torch.equal(causal, tril | torch.eye(S, dtype=torch.bool))
+    same_image = (batch.img_id[:, :, None] == batch.img_id[:, None, :]) & (batch.img_id[:, :, None] >= 0)
+    assert torch.equal(transfusion_mask(batch.img_id, batch.valid), causal | same_image)   # the only difference
+
+
+def test_causal_image_attention_stops_later_patches_reaching_earlier_ones():
+    """Linear patches (no U-Net to mix pixels): only the mask can carry the last patch to the first."""
+    bi = tiny_model(patch_encoder="linear")
+    causal = tiny_model(patch_encoder="linear", image_attention="causal")
+    causal.load_state_dict(bi.state_dict())
+    x = image(3)
+    y = x.clone()
+    y[:, 2:, 2:] -= 0.5                                 # the last patch in raster order
+    a, b = [text(BOS, 3), x, text(5)], [text(BOS, 3), y, text(5)]
+    (lb, eb), (lc, ec) = forward(bi, [a]), forward(causal, [a])
+    (_, eb2), (_, ec2) = forward(bi, [b]), forward(causal, [b])
+    first = lambda eps: patchify(eps, 2)[0, 0]          # the noise prediction of the first patch
+    last = lambda eps: patchify(eps, 2)[0, -1]
+    assert torch.allclose(first(ec), first(ec2), atol=1e-6)           # causal: the first patch cannot see it
+    assert not torch.allclose(first(eb), first(eb2), atol=1e-4)       # bidirectional: it can
+    assert not torch.allclose(last(ec), last(ec2), atol=1e-4)         # the changed patch itself still moves
+    start = 2 + 1                                                     # BOS 3 BOI, then the patches
+    assert torch.allclose(lb[:, :start], lc[:, :start], atol=1e-6)    # text before the image: unchanged
+    text_only = [[text(BOS, 3, 4, 5)]]
+    assert torch.allclose(forward(bi, text_only)[0], forward(causal, text_only)[0], atol=1e-6)
 
 
 # ---- what each output may depend on ----
@@ -196,17 +236,17 @@ def test_no_lm_loss_at_boi_patches_or_padding():
     batch = model.collate(seqs)
     logits, eps_hat = model(batch)
     eps = torch.randn_like(eps_hat)
-    base = model.objective(batch, logits, eps_hat, eps)[1]
+    base = objective(model.cfg, batch, logits, eps_hat, eps)[1]
     no_loss_inputs = (batch.tokens == BOI) | ~batch.valid | (batch.img_id >= 0)
     noisy = logits + 10 * torch.randn_like(logits) * no_loss_inputs[..., None]
-    assert torch.allclose(model.objective(batch, noisy, eps_hat, eps)[1], base)
+    assert torch.allclose(objective(model.cfg, batch, noisy, eps_hat, eps)[1], base)
     # ... and the targets there (patch and padding ids) are never read
     batch.tokens = batch.tokens.masked_fill((batch.img_id >= 0) | ~batch.valid, 7)
-    assert torch.allclose(model.objective(batch, logits, eps_hat, eps)[1], base)
+    assert torch.allclose(objective(model.cfg, batch, logits, eps_hat, eps)[1], base)
     # while a text input does carry LM loss (here: EOI predicting 5)
     at_eoi = (batch.tokens == EOI)[..., None]
-    assert not torch.allclose(model.objective(batch, logits + 10 * at_eoi * torch.randn_like(logits),
-                                              eps_hat, eps)[1], base)
+    assert not torch.allclose(objective(model.cfg, batch, logits + 10 * at_eoi * torch.randn_like(logits),
+                                        eps_hat, eps)[1], base)
 
 
 def test_lm_loss_trains_the_model_to_open_images():
@@ -216,8 +256,8 @@ def test_lm_loss_trains_the_model_to_open_images():
     logits, eps_hat = model(batch)
     boost = torch.zeros_like(logits)
     boost[0, 1, BOI] = 50.0                            # input "3" predicting BOI
-    lm = model.objective(batch, logits, eps_hat, torch.zeros_like(eps_hat))[1]
-    assert model.objective(batch, logits + boost, eps_hat, torch.zeros_like(eps_hat))[1] < lm
+    lm = objective(model.cfg, batch, logits, eps_hat, torch.zeros_like(eps_hat))[1]
+    assert objective(model.cfg, batch, logits + boost, eps_hat, torch.zeros_like(eps_hat))[1] < lm
 
 
 def test_diffusion_loss_is_a_mean_over_images_of_per_image_mse():
@@ -227,7 +267,7 @@ def test_diffusion_loss_is_a_mean_over_images_of_per_image_mse():
     batch = model.collate(seqs)
     logits, eps_hat = model(batch)
     eps = eps_hat.detach() + torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1)   # image m is off by m+1
-    ddpm = model.objective(batch, logits, eps_hat, eps)[2]
+    ddpm = objective(model.cfg, batch, logits, eps_hat, eps)[2]
     assert torch.allclose(ddpm, torch.tensor((1 + 4 + 9) / 3))  # each image weighs the same
 
 
@@ -242,7 +282,7 @@ def test_images_before_their_caption_are_capped_at_t_500():
     seqs = [[text(BOS), image(0), text(3, EOS)],                   # image first
             [text(BOS, 3), image(1), text(EOS)],                   # caption first
             [text(BOS), image(2), text(4), image(3), text(EOS)]]   # first capped, second not
-    assert model.max_timesteps(seqs) == [500, 1000, 500, 1000]
+    assert max_timesteps(model.cfg, seqs) == [500, 1000, 500, 1000]
 
 
 def test_a_dropped_caption_does_not_cap_the_noise(monkeypatch):
@@ -262,13 +302,13 @@ def test_condition_dropout_leaves_bos_and_the_image():
     contradict the image-first data (BOS <image> EOI -> caption) that trains the captioner."""
     model = tiny_model(cond_drop_prob=1.0)
     x = image(0)
-    dropped = model.drop_condition([[text(BOS, 3), x, text(EOS)], [text(BOS), x, text(3, EOS)],
-                                    [text(BOS, 3), x, text(4), image(1), text(EOS)]])
+    dropped = drop_condition(model.cfg, [[text(BOS, 3), x, text(EOS)], [text(BOS), x, text(3, EOS)],
+                                         [text(BOS, 3), x, text(4), image(1), text(EOS)]])
     assert dropped[0][0].tolist() == [BOS] and dropped[0][1] is x and len(dropped[0]) == 2
     assert len(dropped[2]) == 2 and dropped[2][1] is x
     assert dropped[1][0].tolist() == [BOS] and dropped[1][2].tolist() == [3, EOS]
     keep = TransfusionConfig(**{**model.cfg.__dict__, "cond_drop_prob": 0.0})
-    assert Transfusion(keep).drop_condition([[text(BOS, 3), x]])[0][0].tolist() == [BOS, 3]
+    assert drop_condition(keep, [[text(BOS, 3), x]])[0][0].tolist() == [BOS, 3]
 
 
 # ---- learning and decoding (§3 "Inference") ----
@@ -374,6 +414,34 @@ def test_boi_without_room_for_the_image_ends_the_row():
     assert len(out[0]) == 1 and out[0][0].tolist() == [BOS, 3]   # no half image, no dangling BOI
 
 
+def assert_same_segments(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.allclose(x, y, atol=1e-4) if x.is_floating_point() else torch.equal(x, y)
+
+
+def test_reference_decoding_loop_and_batched_generate_agree():
+    """generate_reference (one prompt, no cache: §3 "Inference" as written) and the batched,
+    KV-cached generate make the same segments from the same seed."""
+    kw = dict(steps=4, max_new_tokens=6, temperature=1.0, cfg_scale=2.0)
+    free = tiny_model()
+    one = tiny_model()
+    force_next_token(one, {3: BOI})                     # BOS 3 BOI <image> EOI EOS
+    two = tiny_model(max_seq_len=20)                    # room for two images of 4 patches, not three
+    force_next_token(two, {3: BOI, EOI: 4, 4: BOI})     # BOS 3 <image> 4 <image> 4, then BOI without room
+    cases = [(free, [text(BOS, 2, 6)], None), (free, [text(BOS), image(5)], None),
+             (one, [text(BOS, 3)], 1), (two, [text(BOS, 3)], 2)]
+    for model, prompt, n_images in cases:
+        for seed in (0, 1):
+            ref = model.generate_reference(prompt, generator=torch.Generator().manual_seed(seed), **kw)
+            fast = model.generate([prompt], generator=torch.Generator().manual_seed(seed), **kw)[0]
+            assert_same_segments(ref, fast)
+            assert len(ref) > len(prompt) or ref[-1].numel() > prompt[-1].numel()   # something was generated
+            if n_images is not None:
+                assert sum(s.is_floating_point() for s in ref) == n_images
+
+
 # ---- bad input gets a clear error ----
 
 @pytest.mark.parametrize("seq, message", [
@@ -399,6 +467,18 @@ def test_bad_input_raises_value_error(seq, message):
         model.generate([seq], steps=2)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_image_with_nan_or_inf_raises_naming_the_segment(bad):
+    model = tiny_model()
+    x = image(1)
+    x[0, 2, 3] = bad
+    seqs = [[text(BOS, 3), image(0), text(EOS)], [text(BOS, 4), image(2), text(5), x]]
+    with pytest.raises(ValueError, match="image segment 3 of sequence 1 contains NaN or inf"):
+        model.loss(seqs)
+    with pytest.raises(ValueError, match="image segment 3 of sequence 1 contains NaN or inf"):
+        model.generate(seqs, steps=2)
+
+
 def test_empty_batch_raises():
     model = tiny_model()
     with pytest.raises(ValueError, match="empty"):
@@ -415,6 +495,8 @@ def test_bad_config_and_sampler_arguments_raise():
     TransfusionConfig(patch_encoder="unet", unet_channels=12)  # any width: the GroupNorm has one group
     with pytest.raises(ValueError, match="clean_t"):
         TransfusionConfig(clean_t=0)
+    with pytest.raises(ValueError, match="image_attention"):
+        TransfusionConfig(image_attention="full")
     model = tiny_model()
     with pytest.raises(ValueError, match="sampler"):
         model.generate([[text(BOS)]], sampler="euler")

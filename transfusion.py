@@ -6,10 +6,17 @@ and denoises images with diffusion, switching between the two inside one sequenc
     Multi-Modal Model", 2024. https://arxiv.org/abs/2408.11039  (section numbers: v1)
 
 Read it top to bottom; the sections follow the data:
-    1. config                        5. diffusion: schedule, noising, samplers, CFG
-    2. Llama-style transformer       6. the model: sequences -> batch -> loss
-    3. modality parts (text, images) 7. the decoding loop (§3 "Inference")
-    4. the Transfusion attention mask
+    1. config                           6. sequences -> batch
+    2. Llama-style transformer          7. the model: one transformer over the batch
+    3. modality parts (text, images)    8. the training objective (Eq. 1-4)
+    4. the Transfusion attention mask   9. decoding (§3 "Inference"): a reference
+    5. diffusion: schedule, noising,       loop for one prompt, then the batched,
+       samplers, guidance                  KV-cached one
+
+Shapes in the comments: B batch, S sequence, L cached length, M images in a batch,
+N patches per image, D model width, H heads, Dh head width, P patch side,
+C channels, T diffusion steps, V vocabulary; c is the U-Net's width. In an image's
+shape (C, H, W), H and W are its height and width.
 
 A sequence is a Python list of segments: a 1-D LongTensor of text token ids, or an
 image tensor (C, H, W) with values in [-1, 1]. BOI and EOI are not written in the
@@ -22,22 +29,25 @@ Deviations from the paper (all made so the model trains on a laptop CPU):
   pretrained VAE (§2.3). Nothing here needs a VAE.
 - Tiny sizes: 0.67M parameters by default (paper: 0.16B-7B, Table 2), a vocabulary
   of 15 tokens (paper: Llama 2's 32k), sequences of tens of tokens (paper: 4096).
-- The U-Net patch encoder has one resolution level and uses GroupNorm (one group)
-  with the timestep added, where the paper's U-Net blocks use AdaLayerNorm (footnote 7).
+- The U-Net patch layers have one resolution level. Their norm follows the paper:
+  footnote 7 replaces the U-Net's AdaLayerNorm by a regular layer norm, and our
+  GroupNorm with one group is one (over each image's C, H, W, with a per-channel
+  scale and shift); the timestep is added between the convs, as in DDPM's U-Net.
+- Linear patches get the timestep embedding after the linear layer, at width D;
+  footnote 6 adds it to each patch vector before. W(p + e) = Wp + We, so a learned
+  D-vector added after can express everything the paper's version can.
 - Each patch token also gets a learned embedding of its index in the image, so
   even the linear encoder knows where a patch sits; the paper does not say how it
   tells patch positions apart beyond the sequence's RoPE.
 - Condition dropout for classifier-free guidance: the paper gives no rate; we
-  use DiT's 0.1. "Unconditional" means the image with no text before it, which
-  is also the context the decoding loop uses for the unconditional prediction.
-- A clean image given to the model (in a prompt, or one that finished decoding)
-  is shown as it is, with the timestep embedding of t = clean_t = 50 (alpha_bar
-  0.99, noise std 0.1): t is drawn uniformly, so very few training images sit
-  near t = 1 and the model's embedding of t = 1 is its least trained. Measured on
-  5,000 MNIST *training* digits, caption accuracy was 97.7% at t = 1 and a
-  plateau of 98.4-98.5% for t = 50-200; we take the plateau's low end (README).
-  Cascaded diffusion models (Ho et al. 2022, "conditioning augmentation") also
-  show their conditioning images at a noise level chosen by validation.
+  use DiT's 0.1. "Unconditional" means BOS and the image, nothing else: that is
+  what a dropped sequence keeps, and the context the decoding loops contrast
+  every image with, the first of a sequence or a later one (section 9).
+- A clean image given to the model (in a prompt, or one just drawn) is shown as
+  it is, with the timestep embedding of t = clean_t = 50 (alpha_bar 0.99): few
+  training images sit near t = 1, so that embedding is the least trained (MNIST
+  captions: 97.7% right at t = 1, 98.4% at t = 50; README). Cascaded diffusion
+  (Ho et al. 2022) also shows conditioning images at a validated noise level.
 - A DDIM sampler (Song et al. 2021) is offered beside the paper's DDPM one, for
   fewer steps.
 
@@ -56,9 +66,7 @@ import torch.nn.functional as F
 Segment = torch.Tensor  # a 1-D LongTensor of token ids, or an image (C, H, W)
 
 
-# ---------------------------------------------------------------------------
-# 1. Config
-# ---------------------------------------------------------------------------
+# ---- 1. Config ----
 
 @dataclass
 class TransfusionConfig:
@@ -78,6 +86,7 @@ class TransfusionConfig:
     ffn_hidden: int = 344         # SwiGLU width, ~8/3 d_model as in Llama
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    image_attention: str = "bidirectional"  # within an image (§3); "causal" is the ablation of §4.3.1
     # images (§3): pixels here, VAE latents in the paper (§2.3)
     image_size: int = 28
     channels: int = 1             # paper: 8 latent channels
@@ -107,6 +116,8 @@ class TransfusionConfig:
             raise ValueError("d_model / n_heads must be an even integer (RoPE rotates pairs)")
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
+        if self.image_attention not in ("bidirectional", "causal"):
+            raise ValueError(f"image_attention must be 'bidirectional' or 'causal', not {self.image_attention!r}")
         if self.patch_encoder not in ("linear", "unet"):
             raise ValueError(f"patch_encoder must be 'linear' or 'unet', not {self.patch_encoder!r}")
         if self.patch_encoder == "unet" and self.unet_channels < 1:
@@ -117,9 +128,7 @@ class TransfusionConfig:
             raise ValueError("clean_t must be in [1, T]")
 
 
-# ---------------------------------------------------------------------------
-# 2. The transformer: Llama-style pre-norm blocks (§4.1 "following ... Llama")
-# ---------------------------------------------------------------------------
+# ---- 2. The transformer: Llama-style pre-norm blocks (§3 "Model Architecture", §4.1) ----
 
 class RMSNorm(nn.Module):
     """Llama's norm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * g.
@@ -142,8 +151,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> Tuple[torch.Tensor
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the pairs (x[i], x[i + Dh/2]) of q and/or k (..., B, H, S, Dh) by their position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)                                           # (..., Dh/2) each
+    """Rotate the pairs (x[i], x[i + Dh/2]) of q or k (B, H, S, Dh) by their position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)                                           # (B, H, S, Dh/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -187,9 +196,9 @@ class Attention(nn.Module):
         B, S, D = x.shape
         # QKV
         qkv = self.wqkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, S, Dh)
-        # RoPE, on q and k together (one rotation for both: fewer, larger operations)
-        q, k = apply_rope(qkv[:2], cos, sin).unbind(0)                  # (B, H, S, Dh) each
-        v = qkv[2]
+        q, k, v = qkv.unbind(0)                                          # (B, H, S, Dh) each
+        # RoPE
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(layer, k, v, commit)                      # (B, H, L+S, Dh)
         # the mask decides who sees whom: causal text, bidirectional images (section 4)
@@ -224,9 +233,7 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-# ---------------------------------------------------------------------------
-# 3. Modality parts (§3 "Model Architecture"): text embeddings, patches, timesteps
-# ---------------------------------------------------------------------------
+# ---- 3. Modality parts (§3 "Model Architecture"): text embeddings, patches, timesteps ----
 # Text has an embedding table in and a linear LM head out (in Transfusion below).
 # Images are cut into P x P patches in raster order (left-to-right, top-to-bottom,
 # §3 "Data Representation") and mapped to and from the transformer's width by a
@@ -279,6 +286,7 @@ class LinearPatches(nn.Module):
 
     def encode(self, x, temb):
         """Images x_t (M, C, H, W) and their timestep embedding (M, D) -> tokens (M, N, D)."""
+        # footnote 6 adds the timestep to each patch before proj_in; we add it after, at width D (docstring)
         return self.proj_in(patchify(x, self.P)) + temb[:, None, :], None
 
     def decode(self, h, temb, skip):
@@ -288,10 +296,9 @@ class LinearPatches(nn.Module):
 
 class ResBlock(nn.Module):
     """The DDPM U-Net's residual conv block, timestep added between the two convs.
-    GroupNorm where the paper's U-Net uses AdaLayerNorm (footnote 7), with one group: each
-    image's mean and variance over all its channels and pixels (DDPM's U-Net: 32 groups).
-    PyTorch's CPU GroupNorm is slow in channels-last memory with more groups: 8 made the
-    whole training step 9% slower here (README, "Speed")."""
+    Its norm is the paper's (footnote 7: a regular layer norm in place of AdaLayerNorm):
+    GroupNorm with one group normalises each image over all its channels and pixels, a
+    layer norm over (C, H, W) with a per-channel scale and shift (DDPM's U-Net: 32 groups)."""
 
     def __init__(self, c_in: int, c_out: int, d_t: int):
         super().__init__()
@@ -321,12 +328,8 @@ class UNetPatches(nn.Module):
         self.from_tokens = nn.ConvTranspose2d(D, c, P, stride=P)
         self.up = ResBlock(2 * c, c, D)
         self.norm_out, self.conv_out = nn.GroupNorm(1, c), nn.Conv2d(c, cfg.channels, 3, padding=1)
-        # channels-last (NHWC) memory for the conv weights and activations: the same numbers in
-        # the layout oneDNN's CPU convolutions prefer (README, "Speed": 0-2% faster steps)
-        self.to(memory_format=torch.channels_last)
 
     def encode(self, x, temb):
-        x = x.contiguous(memory_format=torch.channels_last)
         skip = self.down(self.conv_in(x), temb)                         # (M, c, H, W)
         h = self.to_tokens(skip)                                        # (M, D, H/P, W/P)
         return h.flatten(2).transpose(1, 2) + temb[:, None, :], skip    # (M, N, D), raster order
@@ -334,35 +337,33 @@ class UNetPatches(nn.Module):
     def decode(self, h, temb, skip):
         M, N, D = h.shape
         side = math.isqrt(N)
-        h = self.from_tokens(h.transpose(1, 2).reshape(M, D, side, side))  # (M, c, H, W); already NHWC in memory
+        h = self.from_tokens(h.transpose(1, 2).reshape(M, D, side, side))  # (M, c, H, W)
         h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, c, H, W)
         return self.conv_out(F.silu(self.norm_out(h)))                  # (M, C, H, W)
 
 
-# ---------------------------------------------------------------------------
-# 4. The Transfusion attention mask (§3 "Transfusion Attention", Fig. 4)
-# ---------------------------------------------------------------------------
+# ---- 4. The Transfusion attention mask (§3 "Transfusion Attention", Fig. 4) ----
 
-def transfusion_mask(img_id, valid):
+def transfusion_mask(img_id, valid, bidirectional: bool = True):
     """Who may attend to whom, for a padded batch.
 
     img_id (B, S): for each position the index of the image its patch belongs to, or
         -1 for text (BOI and EOI are text) and padding.
     valid (B, S): False at padding.
     Returns (B, S, S) bool, True where query i may attend to key j: causal over the
-    whole sequence, plus every pair of patches of the same image (bidirectional),
+    whole sequence, plus, if `bidirectional`, every pair of patches of the same image,
     never a padding key. A padding query sees itself, so no softmax row is empty.
     """
     S = img_id.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=img_id.device).tril()   # (S, S)
-    same_image = (img_id[:, :, None] == img_id[:, None, :]) & (img_id[:, :, None] >= 0)  # (B, S, S)
-    mask = (causal | same_image) & valid[:, None, :]
+    mask = torch.ones(S, S, dtype=torch.bool, device=img_id.device).tril()     # (S, S) causal
+    if bidirectional:  # the paper's choice; causal images lose FID, most with linear patches (Table 5)
+        same_image = (img_id[:, :, None] == img_id[:, None, :]) & (img_id[:, :, None] >= 0)  # (B, S, S)
+        mask = mask | same_image
+    mask = mask & valid[:, None, :]                                             # (B, S, S)
     return mask | torch.eye(S, dtype=torch.bool, device=img_id.device)
 
 
-# ---------------------------------------------------------------------------
-# 5. Diffusion (§2.2): cosine schedule, forward noising, samplers, guidance
-# ---------------------------------------------------------------------------
+# ---- 5. Diffusion (§2.2): cosine schedule, forward noising, samplers, guidance ----
 
 def cosine_alpha_bar(T: int, s: float = 0.008, max_beta: float = 0.999):
     """alpha_bar_t for t = 0..T (T+1 values) from Nichol & Dhariwal's cosine schedule.
@@ -425,13 +426,14 @@ def classifier_free_guidance(eps_cond, eps_uncond, scale: float):
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-# ---------------------------------------------------------------------------
-# 6. The model: from a batch of interleaved sequences to the loss (§3)
-# ---------------------------------------------------------------------------
+# ---- 6. Sequences -> batch (§3 "Data Representation") ----
+# The user's segments become the model's "items": token tensors with BOI and EOI written
+# in, and (image, t) pairs, each image as the N patch positions it fills. `collate` pads
+# rows of items into one Batch; the loss (section 8) and decoding (section 9) both use it.
 
 @dataclass
 class Batch:
-    """A padded batch of sequences, what the transformer sees (built by `Transfusion.collate`)."""
+    """A padded batch of sequences, what the transformer sees (built by `collate`)."""
     tokens: torch.Tensor   # (B, S) text token ids; PAD at patches and padding
     img_id: torch.Tensor   # (B, S) index m of the image a patch belongs to, -1 elsewhere
     valid: torch.Tensor    # (B, S) False at padding
@@ -442,7 +444,114 @@ class Batch:
     img_col: torch.Tensor  # (M,) ... and the column of its first patch
 
 
+def check_batch(cfg: TransfusionConfig, seqs: Sequence[Sequence[Segment]]):
+    """Raise ValueError naming what is wrong with a batch of sequences; nothing is
+    truncated. The token ids and the pixels of the whole batch are checked at once (fast)."""
+    if len(seqs) == 0:
+        raise ValueError("empty batch: give at least one sequence")
+    texts, images, where = [], [], []
+    for s, seq in enumerate(seqs):
+        if not isinstance(seq, (list, tuple)) or len(seq) == 0:
+            raise ValueError("a sequence must be a non-empty list of segments")
+        length = 0
+        for i, seg in enumerate(seq):
+            if not isinstance(seg, torch.Tensor):
+                raise ValueError(f"segment {i} is a {type(seg).__name__}, not a tensor")
+            if seg.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):  # text
+                if seg.dim() != 1 or seg.numel() == 0:
+                    raise ValueError(f"text segment {i} must be a non-empty 1-D tensor, got shape {tuple(seg.shape)}")
+                texts.append(seg)
+                length += seg.numel()
+            elif seg.is_floating_point():  # image
+                want = (cfg.channels, cfg.image_size, cfg.image_size)
+                if tuple(seg.shape) != want:
+                    raise ValueError(f"image segment {i} has shape {tuple(seg.shape)}, expected (C, H, W) = {want}")
+                images.append(seg)
+                where.append((s, i))
+                length += cfg.n_patches + 2  # BOI, patches, EOI
+            else:
+                raise ValueError(f"segment {i} has dtype {seg.dtype}: use int64 for text, float for images")
+        if length > cfg.max_seq_len:
+            raise ValueError(f"sequence of {length} positions is longer than max_seq_len = {cfg.max_seq_len}")
+    if images:  # a NaN would only surface later, as a NaN loss or a blank image
+        finite = torch.stack(images).isfinite().flatten(1).all(1)       # (M,)
+        if not finite.all():
+            s, i = where[int((~finite).nonzero()[0])]
+            raise ValueError(f"image segment {i} of sequence {s} contains NaN or inf")
+    reserved = torch.tensor([cfg.pad_id, cfg.boi_id, cfg.eoi_id])
+    ids = torch.cat([t.long().cpu() for t in texts])
+    if ids.min() >= 0 and ids.max() < cfg.vocab_size and not torch.isin(ids, reserved).any():
+        return
+    for seg in texts:  # something is wrong: find it, to say what
+        bad = seg[(seg < 0) | (seg >= cfg.vocab_size)]
+        if bad.numel():
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
+        if torch.isin(seg.long().cpu(), reserved).any():
+            raise ValueError("a text segment contains PAD, BOI or EOI: BOI/EOI are added around each "
+                             "image automatically and PAD is for batching")
+
+
+def with_markers(cfg: TransfusionConfig, seq: Sequence[Segment], t_clean: Optional[int] = None) -> list:
+    """User segments -> model items: BOI/EOI tokens put around each image, and each
+    image paired with its diffusion timestep (clean images: cfg.clean_t, see docstring)."""
+    t_clean = cfg.clean_t if t_clean is None else t_clean
+    items = []
+    for seg in seq:
+        if seg.is_floating_point():
+            items += [torch.tensor([cfg.boi_id]), (seg, t_clean), torch.tensor([cfg.eoi_id])]
+        else:
+            items.append(seg)
+    return items
+
+
+def n_positions(cfg: TransfusionConfig, items: list) -> int:
+    """The sequence positions a list of items fills: N per image, one per token."""
+    return sum(cfg.n_patches if isinstance(item, tuple) else item.numel() for item in items)
+
+
+def collate(cfg: TransfusionConfig, rows: Sequence[list], device,
+            start_pos: Optional[Sequence[int]] = None) -> Batch:
+    """Lists of items (token tensors and (image, t) pairs) -> one right-padded Batch.
+    Row b's positions start at start_pos[b] (0 unless continuing a KV cache)."""
+    N = cfg.n_patches
+    tokens, img_id, pos, images, ts, img_row, img_col = [], [], [], [], [], [], []
+    for b, items in enumerate(rows):
+        tok, ids = [], []
+        for item in items:
+            if isinstance(item, tuple):  # an image: N patch positions
+                img_row.append(b)
+                img_col.append(len(tok))
+                ids += [len(images)] * N
+                tok += [cfg.pad_id] * N
+                images.append(item[0])
+                ts.append(item[1])
+            else:
+                ids += [-1] * item.numel()
+                tok += item.tolist()
+        p0 = start_pos[b] if start_pos is not None else 0
+        tokens.append(tok)
+        img_id.append(ids)
+        pos.append(list(range(p0, p0 + len(tok))))
+    S = max(1, max(len(tok) for tok in tokens))
+
+    def pad(rows_, value):
+        return torch.tensor([r + [value] * (S - len(r)) for r in rows_], device=device)  # (B, S)
+
+    img = (torch.stack(images).to(device) if images else
+           torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device))
+    return Batch(tokens=pad(tokens, cfg.pad_id), img_id=pad(img_id, -1),
+                 valid=pad([[True] * len(tok) for tok in tokens], False),
+                 pos=pad(pos, 0), images=img,
+                 t=torch.tensor(ts, dtype=torch.long, device=device),
+                 img_row=torch.tensor(img_row, dtype=torch.long, device=device),
+                 img_col=torch.tensor(img_col, dtype=torch.long, device=device))
+
+
+# ---- 7. The model: one transformer over text and patches (§3 "Model Architecture", Fig. 3) ----
+
 class Transfusion(nn.Module):
+    """The parts of sections 2-4 put together: `forward` maps a Batch to text logits and
+    noise predictions. The other sections' functions are offered as methods at the end."""
 
     def __init__(self, cfg: TransfusionConfig):
         super().__init__()
@@ -488,104 +597,15 @@ class Transfusion(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # ---- sequences -> batch ----
-
-    def check_batch(self, seqs: Sequence[Sequence[Segment]]):
-        """Raise ValueError naming what is wrong with a batch of sequences; nothing is
-        truncated. The token ids of the whole batch are checked at once (fast)."""
-        cfg = self.cfg
-        if len(seqs) == 0:
-            raise ValueError("empty batch: give at least one sequence")
-        texts = []
-        for seq in seqs:
-            if not isinstance(seq, (list, tuple)) or len(seq) == 0:
-                raise ValueError("a sequence must be a non-empty list of segments")
-            length = 0
-            for i, seg in enumerate(seq):
-                if not isinstance(seg, torch.Tensor):
-                    raise ValueError(f"segment {i} is a {type(seg).__name__}, not a tensor")
-                if seg.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):  # text
-                    if seg.dim() != 1 or seg.numel() == 0:
-                        raise ValueError(f"text segment {i} must be a non-empty 1-D tensor, got shape {tuple(seg.shape)}")
-                    texts.append(seg)
-                    length += seg.numel()
-                elif seg.is_floating_point():  # image
-                    want = (cfg.channels, cfg.image_size, cfg.image_size)
-                    if tuple(seg.shape) != want:
-                        raise ValueError(f"image segment {i} has shape {tuple(seg.shape)}, expected (C, H, W) = {want}")
-                    length += cfg.n_patches + 2  # BOI, patches, EOI
-                else:
-                    raise ValueError(f"segment {i} has dtype {seg.dtype}: use int64 for text, float for images")
-            if length > cfg.max_seq_len:
-                raise ValueError(f"sequence of {length} positions is longer than max_seq_len = {cfg.max_seq_len}")
-        reserved = torch.tensor([cfg.pad_id, cfg.boi_id, cfg.eoi_id])
-        ids = torch.cat([t.long().cpu() for t in texts])
-        if ids.min() >= 0 and ids.max() < cfg.vocab_size and not torch.isin(ids, reserved).any():
-            return
-        for seg in texts:  # something is wrong: find it, to say what
-            bad = seg[(seg < 0) | (seg >= cfg.vocab_size)]
-            if bad.numel():
-                raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
-            if torch.isin(seg.long().cpu(), reserved).any():
-                raise ValueError("a text segment contains PAD, BOI or EOI: BOI/EOI are added around each "
-                                 "image automatically and PAD is for batching")
-
-    def with_markers(self, seq: Sequence[Segment], t_clean: Optional[int] = None) -> list:
-        """User segments -> model items: BOI/EOI tokens put around each image, and each
-        image paired with its diffusion timestep (clean images: cfg.clean_t, see docstring)."""
-        t_clean = self.cfg.clean_t if t_clean is None else t_clean
-        items = []
-        for seg in seq:
-            if seg.is_floating_point():
-                items += [torch.tensor([self.cfg.boi_id]), (seg, t_clean), torch.tensor([self.cfg.eoi_id])]
-            else:
-                items.append(seg)
-        return items
-
-    def collate(self, rows: Sequence[list], start_pos: Optional[Sequence[int]] = None) -> Batch:
-        """Lists of items (token tensors and (image, t) pairs) -> one right-padded Batch.
-        Row b's positions start at start_pos[b] (0 unless continuing a KV cache)."""
-        cfg, N = self.cfg, self.cfg.n_patches
-        device = self.tok_emb.weight.device
-        tokens, img_id, pos, images, ts, img_row, img_col = [], [], [], [], [], [], []
-        for b, items in enumerate(rows):
-            tok, ids = [], []
-            for item in items:
-                if isinstance(item, tuple):  # an image: N patch positions
-                    img_row.append(b)
-                    img_col.append(len(tok))
-                    ids += [len(images)] * N
-                    tok += [cfg.pad_id] * N
-                    images.append(item[0])
-                    ts.append(item[1])
-                else:
-                    ids += [-1] * item.numel()
-                    tok += item.tolist()
-            p0 = start_pos[b] if start_pos is not None else 0
-            tokens.append(tok)
-            img_id.append(ids)
-            pos.append(list(range(p0, p0 + len(tok))))
-        S = max(1, max(len(tok) for tok in tokens))
-
-        def pad(rows_, value):
-            return torch.tensor([r + [value] * (S - len(r)) for r in rows_], device=device)  # (B, S)
-
-        img = (torch.stack(images).to(device) if images else
-               torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device))
-        return Batch(tokens=pad(tokens, cfg.pad_id), img_id=pad(img_id, -1),
-                     valid=pad([[True] * len(tok) for tok in tokens], False),
-                     pos=pad(pos, 0), images=img,
-                     t=torch.tensor(ts, dtype=torch.long, device=device),
-                     img_row=torch.tensor(img_row, dtype=torch.long, device=device),
-                     img_col=torch.tensor(img_col, dtype=torch.long, device=device))
-
-    # ---- the forward pass ----
+    @property
+    def device(self) -> torch.device:  # where inputs go; the training script chooses it
+        return self.tok_emb.weight.device
 
     def forward(self, batch: Batch, cache: Optional[KVCache] = None, commit: bool = True):
         """One pass of the shared transformer over a batch of mixed sequences.
         Returns text logits (B, S, V) and the predicted noise eps_hat of each image (M, C, H, W).
         With a cache, the batch continues the cached rows; `commit` stores its keys/values."""
-        cfg, N = self.cfg, self.cfg.n_patches
+        N = self.cfg.n_patches
         B, S = batch.tokens.shape
         M = batch.images.shape[0]
         h = self.tok_emb(batch.tokens)                                  # (B, S, D)
@@ -596,8 +616,9 @@ class Transfusion(nn.Module):
             patch_tokens = patch_tokens + self.patch_pos                # (M, N, D)
             rows = batch.img_row[:, None].expand(M, N).reshape(-1)      # (M*N,)
             cols = (batch.img_col[:, None] + torch.arange(N, device=h.device)).reshape(-1)  # (M*N,)
-            h = h.index_put((rows, cols), patch_tokens.reshape(M * N, -1).to(h.dtype))
-        mask = transfusion_mask(batch.img_id, batch.valid)             # (B, S, S)
+            h = h.index_put((rows, cols), patch_tokens.reshape(M * N, -1).to(h.dtype))  # (B, S, D)
+        bidirectional = self.cfg.image_attention == "bidirectional"
+        mask = transfusion_mask(batch.img_id, batch.valid, bidirectional=bidirectional)  # (B, S, S)
         if cache is not None and len(cache):
             # the cached prefix lies wholly before the new tokens: visible wherever it is valid
             mask = torch.cat([cache.valid[:, None, :].expand(B, S, -1), mask], dim=2)  # (B, S, L+S)
@@ -614,231 +635,295 @@ class Transfusion(nn.Module):
             eps = self.patches.decode(h[rows, cols].view(M, N, -1), temb, skip)  # (M, C, H, W)
         return logits, eps
 
-    # ---- the training objective ----
+    # sections 6, 8 and 9 as methods: what train_mnist.py and bench.py call
+    def check_batch(self, seqs):
+        check_batch(self.cfg, seqs)
 
-    def drop_condition(self, seqs, generator=None):
-        """Classifier-free guidance training: with probability cond_drop_prob, a sequence
-        that opens with a caption and then an image becomes BOS <image>: the model also
-        learns the unconditional p(image). What followed the image goes too: in our data
-        the text after an uncaptioned image is its caption (image-first sequences), and
-        training "BOS <image> EOI -> EOS" here would teach the captioner to stop instead."""
-        out = []
-        for seq in seqs:
-            r = torch.rand((), generator=generator).item()
-            opens_with_caption = (len(seq) > 1 and not seq[0].is_floating_point() and seq[1].is_floating_point()
-                                  and seq[0].numel() > 1 and int(seq[0][0]) == self.cfg.bos_id)
-            if opens_with_caption and r < self.cfg.cond_drop_prob:
-                seq = [seq[0][:1], seq[1]]
-            out.append(seq)
-        return out
+    def with_markers(self, seq, t_clean=None) -> list:
+        return with_markers(self.cfg, seq, t_clean)
 
-    def max_timesteps(self, seqs) -> List[int]:
-        """The noise cap t_max of every image, in order: image_first_max_t (500) for an image
-        that comes before any caption text (only BOS precedes it; §4.3.4, Table 8), else T."""
-        caps = []
-        for seq in seqs:
-            text_before = 0
-            for seg in seq:
-                if seg.is_floating_point():
-                    caps.append(self.cfg.image_first_max_t if text_before == 0 else self.cfg.T)
-                else:
-                    text_before += int((seg != self.cfg.bos_id).sum())
-        return caps
+    def collate(self, rows, start_pos=None) -> Batch:
+        return collate(self.cfg, rows, self.device, start_pos)
 
     def loss(self, seqs: Sequence[Sequence[Segment]], generator: Optional[torch.Generator] = None):
-        """L = L_LM + lambda * L_DDPM (Eq. 4) on a batch of interleaved sequences of clean
-        images in [-1, 1]. Returns (total, lm, ddpm)."""
-        cfg = self.cfg
-        self.check_batch(seqs)
-        # the noise caps are read from the data as given: an image whose caption is dropped
-        # below is still a caption-first image, trained at every noise level
-        caps = [self.max_timesteps([seq]) for seq in seqs]
-        if self.training and cfg.cond_drop_prob > 0:
-            seqs = self.drop_condition(seqs, generator)
-        # a dropped condition keeps a prefix of the images (the first): keep their caps
-        t_max = torch.tensor([c for seq, cap in zip(seqs, caps)
-                              for c in cap[:sum(seg.is_floating_point() for seg in seq)]], dtype=torch.float)
-        # Diffusion forward process, per image and before patchify (§3 "Training Objective"):
-        # each image draws its own t uniformly in 1..t_max and its own noise eps.
-        x0 = [seg for seq in seqs for seg in seq if seg.is_floating_point()]
-        device = self.tok_emb.weight.device
-        x0 = torch.stack(x0).to(device) if x0 else torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device)
-        t = 1 + (torch.rand(len(t_max), generator=generator) * t_max).long()  # (M,) uniform in 1..t_max
-        t_list, t = t.tolist(), t.to(device)
-        eps = torch.randn(x0.shape, generator=generator).to(device)
-        xt = add_noise(x0, t, eps, self.alpha_bar)                      # (M, C, H, W), Eq. 2
-        # Build the batch with the noisy images in place of the clean ones
-        rows, m = [], 0
-        for seq in seqs:
-            items = []
-            for item in self.with_markers(seq):
-                if isinstance(item, tuple):
-                    item = (xt[m], t_list[m])
-                    m += 1
-                items.append(item)
-            rows.append(items)
-        batch = self.collate(rows)
-        logits, eps_hat = self(batch)
-        return self.objective(batch, logits, eps_hat, eps)
+        """(total, lm, ddpm) of Eq. 4 on a batch of sequences: `transfusion_loss`, section 8."""
+        return transfusion_loss(self, seqs, generator)
 
-    def objective(self, batch: Batch, logits, eps_hat, eps):
-        """Eq. 4 from the model's outputs. LM loss per text token (Eq. 1): position i predicts
-        token i+1 where both are text; none where the input is BOI (footnote 8: the next
-        element is a patch) or padding. Diffusion loss per image (Eq. 3): the MSE over one
-        image's pixels, averaged over images."""
-        is_text = batch.valid & (batch.img_id < 0)                      # (B, S)
-        has_target = is_text[:, :-1] & is_text[:, 1:] & (batch.tokens[:, :-1] != self.cfg.boi_id)  # (B, S-1)
-        lm = (F.cross_entropy(logits[:, :-1][has_target].float(), batch.tokens[:, 1:][has_target])
-              if has_target.any() else torch.zeros((), device=logits.device))
-        if eps_hat is not None and eps_hat.shape[0]:
-            ddpm = (eps_hat.float() - eps).pow(2).mean(dim=(1, 2, 3)).mean()
-        else:
-            ddpm = torch.zeros((), device=logits.device)
-        return lm + self.cfg.lam * ddpm, lm, ddpm
+    def generate(self, prompts: Sequence[Sequence[Segment]], **kw):
+        """Continue each prompt with text and images: `generate`, section 9 (keywords there)."""
+        return generate(self, prompts, **kw)
 
-    # ---------------------------------------------------------------------------
-    # 7. The decoding loop (§3 "Inference")
-    # ---------------------------------------------------------------------------
+    def generate_reference(self, prompt: Sequence[Segment], **kw):
+        """The same for one prompt, slowly and plainly: `generate_reference`, section 9."""
+        return generate_reference(self, prompt, **kw)
 
-    def _run(self, history, new, cache, commit):
-        """Model outputs for the items `new[b]` appended to each row's `history[b]`.
-        Returns the logits at each row's last new position (B, V) and eps_hat for the
-        images in `new` (M, C, H, W), row by row. With a KV cache only `new` is computed;
-        without, every row is recomputed from its start: the slow reference that the
-        cache must match exactly."""
-        N = self.cfg.n_patches
-        length = [sum(N if isinstance(i, tuple) else i.numel() for i in items) for items in history]
-        new_len = [sum(N if isinstance(i, tuple) else i.numel() for i in items) for items in new]
-        if cache is not None:
-            batch = self.collate(new, start_pos=length)
-            logits, eps = self(batch, cache, commit)
-            last = torch.tensor([max(n - 1, 0) for n in new_len], device=logits.device)
-            return logits[torch.arange(len(new), device=logits.device), last], eps
-        batch = self.collate([h + n for h, n in zip(history, new)])
-        logits, eps = self(batch)
-        last = torch.tensor([max(l + n - 1, 0) for l, n in zip(length, new_len)], device=logits.device)
-        if eps is not None:  # keep the images of `new`: the last ones of each row
-            n_img = [sum(isinstance(i, tuple) for i in h + n) for h, n in zip(history, new)]
-            keep = [sum(n_img[:b]) + k for b, items in enumerate(new)
-                    for k in range(n_img[b] - sum(isinstance(i, tuple) for i in items), n_img[b])]
-            eps = eps[keep]
-        return logits[torch.arange(len(new), device=logits.device), last], eps
 
-    def _sample_token(self, logits, temperature, top_k, generator):
-        """LM mode: greedy (the paper's choice for text, §4.1) or temperature / top-k sampling."""
-        if temperature == 0:
-            return logits.argmax(-1)
-        logits = logits.float() / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = F.softmax(logits, dim=-1).cpu()
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+# ---- 8. The training objective (§3 "Training Objective", Eq. 1-4, §4.3.4) ----
 
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[Segment]], *, max_new_tokens: int = 32,
-                 steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 3.0,
-                 temperature: float = 0.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, use_cache: bool = True, on_step=None):
-        """Continue each prompt, switching between text and images by itself (§3 "Inference").
+def drop_condition(cfg: TransfusionConfig, seqs, generator=None):
+    """Classifier-free guidance training: with probability cond_drop_prob, a sequence
+    that opens with a caption and then an image becomes BOS <image>: the model also
+    learns the unconditional p(image). What followed the image goes too: in our data
+    the text after an uncaptioned image is its caption (image-first sequences), and
+    training "BOS <image> EOI -> EOS" here would teach the captioner to stop instead.
+    A caption-first sequence of several images keeps only BOS and its first image too:
+    the later images and all text go, so BOS <image> is the one unconditional context the
+    model learns (the decoding loops use it for every image: `unconditional_eps`, section 9)."""
+    out = []
+    for seq in seqs:
+        r = torch.rand((), generator=generator).item()
+        opens_with_caption = (len(seq) > 1 and not seq[0].is_floating_point() and seq[1].is_floating_point()
+                              and seq[0].numel() > 1 and int(seq[0][0]) == cfg.bos_id)
+        if opens_with_caption and r < cfg.cond_drop_prob:
+            seq = [seq[0][:1], seq[1]]
+        out.append(seq)
+    return out
 
-        LM mode: sample the next token. When a row samples BOI it switches to diffusion
-        mode: N patches of pure noise x_T are appended and denoised for `steps` steps;
-        each step's x_{t_prev} overwrites x_t (the model only ever sees the current noisy
-        image), with classifier-free guidance against the image with no text before it.
-        Then the clean image and EOI enter the sequence and the row goes back to text,
-        until EOS, `max_new_tokens` text tokens, or no room for another token (a BOI with
-        no room left for the whole image also ends the row: nothing is left half-done).
-        Rows take their own paths: one may draw while another writes or has ended.
 
-        Returns, for each prompt, the prompt followed by what was generated, as segments
-        (token tensors without BOI/EOI, images (C, H, W) in [-1, 1]). `on_step(t_prev, x)`,
-        if given, sees the images after each denoising step (for pictures).
-        """
-        cfg, N = self.cfg, self.cfg.n_patches
-        self.check_batch(prompts)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, not {sampler!r}")
-        schedule = sampling_timesteps(cfg.T, steps)
-        device = self.tok_emb.weight.device
-        B = len(prompts)
-        out = [list(p) for p in prompts]                     # what we return
-        history = [self.with_markers(p) for p in prompts]    # what the model has seen, as items
-        length = [sum(N if isinstance(i, tuple) else i.numel() for i in h) for h in history]
-        text = [[] for _ in range(B)]                        # text generated since the last segment
-        n_new = [0] * B
-        state = ["text"] * B                                 # "text", "image" (waiting to draw), "done"
-        cache = KVCache() if use_cache else None
-        logits, _ = self._run([[] for _ in range(B)], history, cache, commit=True)  # prefill
+def max_timesteps(cfg: TransfusionConfig, seqs) -> List[int]:
+    """The noise cap t_max of every image, in order: image_first_max_t (500) for an image
+    that comes before any caption text (only BOS precedes it; §4.3.4, Table 8), else T."""
+    caps = []
+    for seq in seqs:
+        text_before = 0
+        for seg in seq:
+            if seg.is_floating_point():
+                caps.append(cfg.image_first_max_t if text_before == 0 else cfg.T)
+            else:
+                text_before += int((seg != cfg.bos_id).sum())
+    return caps
 
-        def close_text(b):
-            if text[b]:
-                t_ = torch.tensor(text[b])
-                if out[b] and not out[b][-1].is_floating_point():
-                    out[b][-1] = torch.cat([out[b][-1], t_])
-                else:
-                    out[b].append(t_)
-                text[b] = []
 
-        while any(s != "done" for s in state):
-            # LM mode: every row in text mode samples one token
-            if "text" in state:
-                tok = self._sample_token(logits, temperature, top_k, generator).tolist()
-                new = [[] for _ in range(B)]
-                for b in range(B):
-                    if state[b] != "text":
-                        continue
-                    if n_new[b] >= max_new_tokens or length[b] >= cfg.max_seq_len:
-                        state[b] = "done"
-                    elif tok[b] == cfg.boi_id:
-                        # room for BOI, N patches, EOI? else end here rather than half an image
-                        state[b] = "image" if length[b] + N + 2 <= cfg.max_seq_len else "done"
-                    elif tok[b] == cfg.eos_id:
-                        text[b].append(tok[b])
-                        state[b] = "done"
-                    elif tok[b] in (cfg.pad_id, cfg.eoi_id):  # never trained on: treat as the end
-                        state[b] = "done"
-                    else:
-                        text[b].append(tok[b])
-                    if state[b] in ("text", "image"):
-                        new[b] = [torch.tensor([tok[b]])]
-                        n_new[b] += 1
-                    if state[b] != "text":
-                        close_text(b)
-                if any(new):
-                    logits, _ = self._run(history, new, cache, commit=True)
-                    for b in range(B):
-                        history[b] += new[b]
-                        length[b] += len(new[b])
-                continue
-            # Diffusion mode: once no row is writing, the rows that opened an image draw it
-            rows = [b for b in range(B) if state[b] == "image"]
-            x = torch.randn(len(rows), cfg.channels, cfg.image_size, cfg.image_size, generator=generator).to(device)
-            uncond_cache = KVCache() if use_cache else None
-            uncond_history = [[torch.tensor([cfg.bos_id, cfg.boi_id])] if b in rows else [] for b in range(B)]
-            if use_cache and cfg_scale != 1:
-                self._run([[] for _ in range(B)], uncond_history, uncond_cache, commit=True)
+def transfusion_loss(model: Transfusion, seqs: Sequence[Sequence[Segment]],
+                     generator: Optional[torch.Generator] = None):
+    """L = L_LM + lambda * L_DDPM (Eq. 4) on a batch of interleaved sequences of clean
+    images in [-1, 1]. Returns (total, lm, ddpm)."""
+    cfg, device = model.cfg, model.device
+    check_batch(cfg, seqs)
+    # the noise caps are read from the data as given: an image whose caption is dropped
+    # below is still a caption-first image, trained at every noise level
+    caps = [max_timesteps(cfg, [seq]) for seq in seqs]
+    if model.training and cfg.cond_drop_prob > 0:
+        seqs = drop_condition(cfg, seqs, generator)
+    # a dropped condition keeps a prefix of the images (the first): keep their caps
+    t_max = torch.tensor([c for seq, cap in zip(seqs, caps)
+                          for c in cap[:sum(seg.is_floating_point() for seg in seq)]], dtype=torch.float)
+    # Diffusion forward process, per image and before patchify (§3 "Training Objective"):
+    # each image draws its own t uniformly in 1..t_max and its own noise eps.
+    x0 = [seg for seq in seqs for seg in seq if seg.is_floating_point()]
+    x0 = (torch.stack(x0).to(device) if x0 else
+          torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device))  # (M, C, H, W)
+    t = 1 + (torch.rand(len(t_max), generator=generator) * t_max).long()  # (M,) uniform in 1..t_max
+    eps = torch.randn(x0.shape, generator=generator).to(device)
+    xt = add_noise(x0, t.to(device), eps, model.alpha_bar)           # (M, C, H, W), Eq. 2
+    # the same sequences with each clean image replaced by its x_t, in order
+    noisy = iter(zip(xt, t.tolist()))
+    rows = [[next(noisy) if isinstance(item, tuple) else item for item in with_markers(cfg, seq)] for seq in seqs]
+    batch = collate(cfg, rows, device)
+    logits, eps_hat = model(batch)
+    return objective(cfg, batch, logits, eps_hat, eps)
+
+
+def objective(cfg: TransfusionConfig, batch: Batch, logits, eps_hat, eps):
+    """Eq. 4 from the model's outputs: (total, lm, ddpm). LM loss per text token (Eq. 1):
+    position i predicts token i+1 where both are text; none where the input is BOI
+    (footnote 8: the next element is a patch) or padding. Diffusion loss per image
+    (Eq. 3): the MSE over one image's pixels, averaged over images."""
+    is_text = batch.valid & (batch.img_id < 0)                      # (B, S)
+    has_target = is_text[:, :-1] & is_text[:, 1:] & (batch.tokens[:, :-1] != cfg.boi_id)  # (B, S-1)
+    lm = (F.cross_entropy(logits[:, :-1][has_target].float(), batch.tokens[:, 1:][has_target])  # Eq. 1
+          if has_target.any() else torch.zeros((), device=logits.device))
+    if eps_hat is not None and eps_hat.shape[0]:
+        ddpm = (eps_hat.float() - eps).pow(2).mean(dim=(1, 2, 3)).mean()  # Eq. 3
+    else:
+        ddpm = torch.zeros((), device=logits.device)
+    return lm + cfg.lam * ddpm, lm, ddpm                            # Eq. 4
+
+
+# ---- 9. Decoding (§3 "Inference") ----
+# Two modes: LM mode samples tokens; BOI switches to diffusion mode, EOI back. Read
+# `generate_reference` (one prompt) first; `generate` is the same for a batch, KV-cached.
+
+def sample_token(logits, temperature: float, top_k: Optional[int], generator):
+    """LM mode: greedy (the paper's choice for text, §4.1) or temperature / top-k sampling.
+    logits (B, V) -> token ids (B,)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def append_text(out: list, tok: int):
+    """Add a generated token to the returned segments, extending the last one if it is text."""
+    tok = torch.tensor([tok])
+    if out[-1].is_floating_point():
+        out.append(tok)
+    else:
+        out[-1] = torch.cat([out[-1], tok])
+
+
+def unconditional_eps(model: Transfusion, x, t: int):
+    """eps_hat of the images x_t (M, C, H, W) in the unconditional context of classifier-free
+    guidance, BOS BOI <x_t>: no text and no earlier images, for the first image of a sequence
+    and for every later one alike. Condition dropout (drop_condition) turns a caption-first
+    sequence into BOS <its first image> and nothing else, so this is the one unconditional
+    context the model is trained on. Guidance therefore pushes each image toward everything
+    in its real context: the text before it (e.g. the digit just before BOI) and the earlier
+    images. Two tokens: not worth a KV cache."""
+    cfg = model.cfg
+    context = torch.tensor([cfg.bos_id, cfg.boi_id])
+    return model(collate(cfg, [[context, (xi, t)] for xi in x], model.device))[1]  # (M, C, H, W)
+
+
+def check_decoding(model: Transfusion, prompts, sampler: str, steps: int) -> List[Tuple[int, int]]:
+    """Raise ValueError on bad prompts or sampler arguments; return the (t, t_prev) schedule."""
+    check_batch(model.cfg, prompts)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, not {sampler!r}")
+    return sampling_timesteps(model.cfg.T, steps)
+
+
+@torch.no_grad()
+def generate_reference(model: Transfusion, prompt: Sequence[Segment], *, max_new_tokens: int = 32,
+                       steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 3.0,
+                       temperature: float = 0.0, top_k: Optional[int] = None,
+                       generator: Optional[torch.Generator] = None, use_cache: bool = True, on_step=None):
+    """§3 "Inference" for ONE prompt, to be read beside the paper: no batch, no KV cache (use_cache
+    is ignored), the whole sequence recomputed at every step. It stops at EOS, after
+    max_new_tokens tokens, or when the sequence is full. Same arguments, result and use of the
+    random generator as `generate`; a test holds the two equal."""
+    cfg, N, device = model.cfg, model.cfg.n_patches, model.device
+    schedule = check_decoding(model, [prompt], sampler, steps)
+    items, out = with_markers(cfg, prompt), list(prompt)  # what the model reads; what we return
+
+    def read(items):  # the model on the whole sequence: logits (1, S, V), eps_hat (M, C, H, W)
+        return model(collate(cfg, [items], device))
+
+    for _ in range(max_new_tokens):
+        length = n_positions(cfg, items)
+        if length >= cfg.max_seq_len:
+            break
+        tok = int(sample_token(read(items)[0][:, -1], temperature, top_k, generator))  # LM mode
+        if tok in (cfg.pad_id, cfg.eoi_id) or (tok == cfg.boi_id and length + N + 2 > cfg.max_seq_len):
+            break  # never trained on; or no room for BOI, N patches and EOI: no half image
+        items.append(torch.tensor([tok]))
+        if tok == cfg.boi_id:  # diffusion mode: append N patches of pure noise x_T, denoise for `steps`
+            x = torch.randn(1, cfg.channels, cfg.image_size, cfg.image_size, generator=generator).to(device)
             for t, t_prev in schedule:
-                new = [[] for _ in range(B)]
-                for i, b in enumerate(rows):
-                    new[b] = [(x[i], t)]
-                _, eps = self._run(history, new, cache, commit=False)
-                if cfg_scale != 1:
-                    _, eps_uncond = self._run(uncond_history, new, uncond_cache, commit=False)
-                    eps = classifier_free_guidance(eps, eps_uncond, cfg_scale)
+                eps = read(items + [(x[0], t)])[1][-1:]                     # (1, C, H, W) the last image's
+                if cfg_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
+                    eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), cfg_scale)
                 noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
-                x = SAMPLERS[sampler](x, eps, t, t_prev, self.alpha_bar, noise)  # overwrites x_t
+                x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise)  # x_{t_prev} overwrites x_t
                 if on_step is not None:
                     on_step(t_prev, x)
-            # the finished image and EOI join the sequence; back to LM mode
             x = x.clamp(-1, 1)
-            new = [[] for _ in range(B)]
-            for i, b in enumerate(rows):
+            items += [(x[0], cfg.clean_t), torch.tensor([cfg.eoi_id])]  # the clean image, EOI: back to LM mode
+            out.append(x[0].cpu())
+        else:
+            append_text(out, tok)
+            if tok == cfg.eos_id:
+                break
+    return out
+
+
+@dataclass
+class Row:
+    """One sequence being decoded by `generate`."""
+    items: list          # what the model has read: token tensors and (image, t) pairs
+    out: list            # what we return: the prompt's segments, then the generated ones
+    mode: str = "text"   # "text" (LM mode), "image" (opened one, waits to draw it), "done"
+    n_new: int = 0       # tokens generated (BOI counts one; an image's patches none)
+
+
+def take_token(cfg: TransfusionConfig, row: Row, tok: int, max_new_tokens: int) -> list:
+    """LM mode for one row: act on its sampled token; returns the items it appends."""
+    length = n_positions(cfg, row.items)
+    if row.n_new >= max_new_tokens or length >= cfg.max_seq_len:
+        row.mode = "done"
+    elif tok == cfg.boi_id:  # diffusion mode next, if BOI, N patches and EOI fit: no half image
+        row.mode = "image" if length + cfg.n_patches + 2 <= cfg.max_seq_len else "done"
+    elif tok in (cfg.pad_id, cfg.eoi_id):  # never trained on: treat as the end
+        row.mode = "done"
+    else:
+        append_text(row.out, tok)
+        row.mode = "done" if tok == cfg.eos_id else "text"
+    if row.mode == "done":
+        return []
+    row.n_new += 1
+    return [torch.tensor([tok])]
+
+
+def run_rows(model: Transfusion, history: List[list], new: List[list], cache: Optional[KVCache], commit: bool):
+    """Model outputs for the items new[b] appended to each row's history[b]: text logits at
+    each row's last new position (B, V) and eps_hat of the images in `new` (M, C, H, W), row
+    by row. With a KV cache that holds the history, only `new` is computed; without one,
+    every row is recomputed from its start."""
+    cfg, device = model.cfg, model.device
+    start = [n_positions(cfg, h) for h in history]
+    if cache is not None:
+        logits, eps = model(collate(cfg, new, device, start_pos=start), cache, commit)
+        last = [max(n_positions(cfg, n) - 1, 0) for n in new]
+    else:
+        batch = collate(cfg, [h + n for h, n in zip(history, new)], device)
+        logits, eps = model(batch)
+        last = [max(s + n_positions(cfg, n) - 1, 0) for s, n in zip(start, new)]
+        if eps is not None:  # keep the images of `new`: those that start after their row's history
+            eps = eps[batch.img_col >= torch.tensor(start, device=device)[batch.img_row]]
+    return logits[torch.arange(len(new), device=device), torch.tensor(last, device=device)], eps
+
+
+@torch.no_grad()
+def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_new_tokens: int = 32,
+             steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 3.0,
+             temperature: float = 0.0, top_k: Optional[int] = None,
+             generator: Optional[torch.Generator] = None, use_cache: bool = True, on_step=None):
+    """Continue each prompt with text and images (§3 "Inference"), as `generate_reference`
+    does, for a batch and with a KV cache. Each row takes its own path; rows that opened an
+    image wait until no row is writing, then draw together. Returns each prompt followed by
+    what was generated, as segments (token tensors without BOI/EOI, images (C, H, W) in
+    [-1, 1]). `on_step(t_prev, x)`, if given, sees the images after each denoising step."""
+    cfg, device = model.cfg, model.device
+    schedule = check_decoding(model, prompts, sampler, steps)
+    rows = [Row(items=[], out=list(p)) for p in prompts]
+    cache = KVCache() if use_cache else None
+    new = [with_markers(cfg, p) for p in prompts]                    # first the model reads the prompts
+    while any(r.mode != "done" for r in rows):
+        if any(new):  # each row's new items: its prompt, a token, or an image and EOI
+            logits, _ = run_rows(model, [r.items for r in rows], new, cache, commit=True)  # (B, V)
+            for r, items in zip(rows, new):
+                r.items += items
+        if any(r.mode == "text" for r in rows):
+            # LM mode: every row in text mode samples one token; rows that opened an image wait
+            tokens = sample_token(logits, temperature, top_k, generator).tolist()
+            new = [take_token(cfg, r, tok, max_new_tokens) if r.mode == "text" else []
+                   for r, tok in zip(rows, tokens)]
+        else:
+            # Diffusion mode, once no row is writing: x_T is pure noise, and each step's
+            # x_{t_prev} overwrites x_t (the model only ever sees the current noisy image)
+            drawing = [b for b, r in enumerate(rows) if r.mode == "image"]
+            x = torch.randn(len(drawing), cfg.channels, cfg.image_size, cfg.image_size,
+                            generator=generator).to(device)             # (M, C, H, W)
+            for t, t_prev in schedule:
+                at_t = [[] for _ in rows]
+                for i, b in enumerate(drawing):
+                    at_t[b] = [(x[i], t)]
+                _, eps = run_rows(model, [r.items for r in rows], at_t, cache, commit=False)
+                if cfg_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
+                    eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), cfg_scale)
+                noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
+                x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise)
+                if on_step is not None:
+                    on_step(t_prev, x)
+            # the clean image and EOI join the sequence; back to LM mode
+            x = x.clamp(-1, 1)
+            new = [[] for _ in rows]
+            for i, b in enumerate(drawing):
                 new[b] = [(x[i], cfg.clean_t), torch.tensor([cfg.eoi_id])]
-                out[b].append(x[i].cpu())
-                state[b] = "text"
-            logits, _ = self._run(history, new, cache, commit=True)
-            for b in rows:
-                history[b] += new[b]
-                length[b] += N + 1
-        return out
+                rows[b].out.append(x[i].cpu())
+                rows[b].mode = "text"
+    return [r.out for r in rows]
