@@ -614,8 +614,9 @@ def test_number_layouts_and_noise_caps(k):
     model = Transfusion(tm.mnist_config(d_model=32, n_heads=2, n_layers=1, ffn_hidden=64, unet_channels=4))
     model.check_batch([draw, grouped, read])           # all fit max_seq_len
     # §4.3.4: images before their caption (all of an image-first number) are capped at t <= 500
-    assert model.max_timesteps([draw]) == [1000] * k and model.max_timesteps([grouped]) == [1000] * k
-    assert model.max_timesteps([read]) == [500] * k
+    from transfusion import max_timesteps
+    assert max_timesteps(model.cfg, [draw]) == [1000] * k and max_timesteps(model.cfg, [grouped]) == [1000] * k
+    assert max_timesteps(model.cfg, [read]) == [500] * k
 
 
 def test_prompts_end_where_the_training_sequence_switches_mode():

@@ -160,7 +160,7 @@ MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "pa
 
 def model_config(args) -> TransfusionConfig:
     """The model config that the command-line flags ask for."""
-    kw = {k: getattr(args, k) for k in MODEL_FLAGS if k in TransfusionConfig.__dataclass_fields__}
+    kw = {k: getattr(args, k) for k in MODEL_FLAGS}
     if args.clean_t is not None:
         kw["clean_t"] = args.clean_t
     return mnist_config(max_seq_len=seq_len_needed((28 // args.patch_size) ** 2, args.max_digits), **kw)
