@@ -200,7 +200,7 @@ def save_figure(fig, path, dpi=90):
 
 def grid_figure(images, ncol, titles=None, title=None, cell=0.9):
     """Images (n, 1, 28, 28) in [0, 1] in rows of ncol, with optional per-image titles."""
-    n = len(images)
+    n, ncol = len(images), max(1, ncol)
     nrow = max(1, math.ceil(n / ncol))
     row_h = cell + (0.3 if titles else 0.0)
     fig = Figure(figsize=(ncol * cell, nrow * row_h + (0.4 if title else 0.1)))
