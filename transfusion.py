@@ -28,7 +28,8 @@ Deviations from the paper (all made so the model trains on a laptop CPU):
 - Images are raw pixels cut into patches; the paper patchifies the latent of a
   pretrained VAE (§2.3). Nothing here needs a VAE.
 - Tiny sizes: 0.67M parameters by default (paper: 0.16B-7B, Table 2), a vocabulary
-  of 15 tokens (paper: Llama 2's 32k), sequences of tens of tokens (paper: 4096).
+  of 16 tokens in train_mnist.py (paper: Llama 2's 32k), sequences of up to ~100
+  positions (paper: 4096).
 - The U-Net patch layers have one resolution level. Their norm follows the paper:
   footnote 7 replaces the U-Net's AdaLayerNorm by a regular layer norm, and our
   GroupNorm with one group is one (over each image's C, H, W, with a per-channel
