@@ -76,13 +76,13 @@ def to_model_range(images_u8):
 def number_sequence(images, digits, caption_first: bool, layout: str = "paired"):
     """One training sequence for a number: its images (k, 1, 28, 28) and digits (k,).
     Neighbouring text is one segment: [BOS, 2, 0, SEP, 2], <img>, [0], <img>, [EOS]."""
-    number = [BOS] + digits.tolist() + [SEP]
+    digits = digits.tolist()
     if not caption_first:   # read: the images, then the number (a caption, §4.3.4)
-        return [torch.tensor([BOS])] + list(images) + [torch.tensor([SEP] + digits.tolist() + [EOS])]
+        return [torch.tensor([BOS]), *images, torch.tensor([SEP, *digits, EOS])]
     if layout == "grouped":  # draw: the number, then its images
-        return [torch.tensor(number)] + list(images) + [torch.tensor([EOS])]
-    seq, text = [], number   # draw, "paired": each image right after its own digit
-    for d, img in zip(digits.tolist(), images):
+        return [torch.tensor([BOS, *digits, SEP]), *images, torch.tensor([EOS])]
+    seq, text = [], [BOS, *digits, SEP]   # draw, "paired": each image right after its own digit
+    for d, img in zip(digits, images):
         seq += [torch.tensor(text + [d]), img]
         text = []
     return seq + [torch.tensor([EOS])]
@@ -101,11 +101,11 @@ def make_sequences(images, labels, gen, max_digits: int = 4, p_caption_first: fl
     return seqs
 
 
-def seq_len_needed(cfg_n_patches: int, max_digits: int) -> int:
+def seq_len_needed(n_patches: int, max_digits: int) -> int:
     """Positions of the longest training sequence (paired, caption first), plus room for one
     more digit and image, so that a model that draws one image too many is seen doing it."""
     k = max_digits + 1
-    return 1 + k + 1 + k * (1 + cfg_n_patches + 2) + 1
+    return 1 + k + 1 + k * (1 + n_patches + 2) + 1
 
 
 # ---------------------------------------------------------------------------
