@@ -32,7 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train_mnist as tm
-from transfusion import Transfusion
+from transfusion import Transfusion, TransfusionConfig
 
 
 LONG_PROMPT = 40   # tokens: BOS and 39 copies of the digit
@@ -213,7 +213,7 @@ def main():
     peak = matmul_peak(device, dtype=torch.bfloat16 if bf16 else torch.float32)
     prec = "bf16" if bf16 else "fp32"
     peak_dnn = conv_matmul_peak() if device.type == "cpu" and torch.backends.mkldnn.is_available() else None
-    default = tm.DEFAULTS["patch_encoder"]
+    default = TransfusionConfig.patch_encoder
     encoders = [default, "linear" if default == "unet" else "unet"]
     res = {}
     for enc in encoders:

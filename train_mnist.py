@@ -462,9 +462,10 @@ def generate_digits(model, labels, **kw):
 @torch.no_grad()
 def caption_digits(model, images, *, batch_size=500):
     """Label each image (N, 1, 28, 28) in [0, 1]: the prompt is BOS <image> ; (a one-digit
-    number to read) and the model writes the caption. Returns (N,) digits, -1 for a non-digit."""
+    number to read) and the model writes the caption. Returns (N,) digits; -1 unless it wrote
+    exactly one digit before EOS."""
     texts = read_numbers(model, [x[None] for x in images], batch_size=batch_size)
-    return torch.tensor([int(t[0]) if t and t[0].isdigit() else -1 for t in texts], dtype=torch.long)
+    return torch.tensor([int(t) if len(t) == 1 and t.isdigit() else -1 for t in texts], dtype=torch.long)
 
 
 def tokens_text(ids, names=None) -> str:
@@ -574,7 +575,7 @@ def check_args(p, args):
                     f"not {args.cfg_sweep!r}")
         if not args.eval_only or args.eval_per_label < 1:
             p.error("--cfg-sweep goes with --eval-only and --eval-per-label of at least 1")
-    if args.draw is not None and not args.draw.isdigit():
+    if args.draw is not None and not (args.draw.isascii() and args.draw.isdigit()):
         p.error(f"--draw takes a number written with the digits 0-9, not {args.draw!r}")
     if args.device != "auto":
         try:
@@ -633,14 +634,14 @@ def main(argv=None, log=print):
             if not os.path.exists(path):
                 raise ValueError(f"{path} does not exist: train a model first (or give --out)")
             ckpt = read_checkpoint(path)
-            model = build_model(ckpt, path)
-            if args.draw is not None:
-                return draw_main(args, model)
+            model = build_model(ckpt, path).to(pick_device(args.device))
             for k in ("cfg_scale", "sampler", "sample_steps"):
                 if k in args.given:
                     model.sample_defaults[k.replace("sample_", "")] = getattr(args, k)
             if args.clean_t is not None:
                 model.cfg.clean_t = args.clean_t
+            if args.draw is not None:
+                return draw_main(args, model)
             args.dataset = ckpt["run"].get("dataset", "mnist")
             import mnist_eval
             if args.cfg_sweep:
@@ -685,7 +686,12 @@ def main(argv=None, log=print):
         log(f"--minutes {args.minutes:g} reached at step {state['step']:,} of {args.steps:,}: evaluating the model "
             f"as it stands (continue with --resume)")
     from mnist_eval import report
-    report(state["ema"], args, state, log=log)
+    try:
+        report(state["ema"], args, state, log=log)
+    except KeyboardInterrupt:
+        print(f"\nevaluation stopped; the trained model is saved ({path}): evaluate it with --eval-only",
+              file=sys.stderr)
+        return 130
     return 0
 
 
