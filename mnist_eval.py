@@ -242,7 +242,7 @@ def mask_figure(model):
     img = torch.zeros(cfg.channels, cfg.image_size, cfg.image_size)
     seq = tm.number_sequence(torch.stack([img, img]), torch.tensor([2, 0]), caption_first=True)
     batch = model.collate([model.with_markers(seq)])
-    mask = transfusion_mask(batch.img_id, batch.valid)[0].cpu()         # (S, S)
+    mask = transfusion_mask(batch.img_id, batch.valid, cfg.image_attention == "bidirectional")[0].cpu()  # (S, S)
     is_img = (batch.img_id[0] >= 0).cpu()
     kind = torch.zeros_like(mask, dtype=torch.long)                     # 0: blocked
     kind[mask] = 1                                                      # 1: causal
