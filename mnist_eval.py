@@ -16,6 +16,7 @@ Inception). The metrics, all printed by `python train_mnist.py` at the end of tr
 Pictures are matplotlib Figures built without pyplot or a global backend, returned to the
 caller (a notebook shows them inline) and saved by `save_figure`.
 """
+import json
 import math
 import os
 import time
@@ -381,4 +382,11 @@ def report(model, args, state, log=print):
         if key in m:
             lines.append(f"  {name:21s} {fmt.format(m[key])}")
     log("\n".join(lines))
+    # the same figures for scripts (ablations.py collects them): results.json beside ckpt.pt
+    numbers = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+    if state:
+        numbers.update(steps=state["step"], train_minutes=state["seconds"] / 60)
+    numbers.update(eval_minutes=t_eval / 60)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(numbers, f, indent=1, sort_keys=True)
     return m

@@ -849,3 +849,19 @@ def test_readme_notebook_blocks_run_verbatim(tmp_path):
     assert isinstance(ns["model"], Transfusion) and not ns["model"].training
     assert isinstance(ns["imgs"], torch.Tensor) and ns["imgs"].shape[1:] == (1, 28, 28)
     assert ns["how"] == "done" and ns["state"]["step"] == 2 and (tmp_path / "out" / "ckpt.pt").exists()
+
+
+# ---- ablations.py: rows that parse, a table that averages ----
+
+def test_every_ablation_row_is_a_valid_command_and_the_table_averages_seeds(tmp_path):
+    import json
+    import ablations
+    import train_mnist as tm
+    for row, flags in ablations.ROWS.items():
+        args = tm.parse_args(["--out", str(tmp_path / row), *flags, *ablations.LIGHT])   # exits on a bad flag
+        assert args.eval_per_label == 50
+    for seed, cap in ((0, 0.97), (1, 0.99)):
+        os.makedirs(tmp_path / f"linear_s{seed}")
+        json.dump(dict(caption_acc=cap, fd=20.0 + seed, steps=300), open(tmp_path / f"linear_s{seed}/results.json", "w"))
+    line = [l for l in ablations.table(str(tmp_path)).splitlines() if l.startswith("| linear |")]
+    assert line == ["| linear | 300 | 2 | 98.00 (97.00-99.00) | – | 20.5 (20.0-21.0) | – | – |"]

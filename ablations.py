@@ -1,0 +1,102 @@
+"""The paper's ablations (§4.3) at MNIST scale: one row, one command.
+
+Each row is `train_mnist.py` with one switch changed, trained from scratch for each seed into
+<root>/<row>_s<seed>/ and evaluated with a lighter protocol than the default run's (LIGHT below:
+500 generated digits instead of 1,000, 100 numbers drawn instead of 500, 500 read instead of 2,000;
+all 10,000 captions), the same for every row. A finished run (its results.json exists) is not run
+again, so a sweep can be stopped and restarted.
+
+    python ablations.py --data-dir ../shared/data --rows linear linear-causal --seeds 0 1
+    python ablations.py --table [--per-seed]     # the figures so far: mean (min-max) over seeds
+
+--steps gives every row of one call a shorter common budget (say so beside the figures).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+# row -> the flags that differ from the default run (README, "The paper's ablations")
+ROWS = {
+    "default": [],
+    "causal": ["--image-attention", "causal"],                                    # Table 5, U-Net
+    "linear": ["--patch-encoder", "linear"],                                      # Table 5/6, linear
+    "linear-causal": ["--patch-encoder", "linear", "--image-attention", "causal"],  # Table 5, linear
+    # Table 5 again with four layers, the depth at which round 1's linear model drew digits
+    "linear4": ["--patch-encoder", "linear", "--n-layers", "4"],
+    "linear4-causal": ["--patch-encoder", "linear", "--n-layers", "4", "--image-attention", "causal"],
+    "p4": ["--patch-size", "4"],                                                  # Table 6, 49 patches
+    "p4-linear": ["--patch-size", "4", "--patch-encoder", "linear"],
+    "cap-off": ["--image-first-max-t", "1000"],                                   # Table 8
+    "lam1": ["--lam", "1"],                                                       # §4.1: λ = 5
+    "lam20": ["--lam", "20"],
+}
+LIGHT = ["--eval-per-label", "50", "--eval-numbers", "100", "--eval-reading", "500"]
+METRICS = [("caption_acc", "caption", 100, "{:.2f}"), ("gen_acc", "label→image", 100, "{:.1f}"),
+           ("fd", "Fréchet", 1, "{:.1f}"), ("draw_exact", "drawn exactly", 100, "{:.1f}"),
+           ("read_exact", "read exactly", 100, "{:.1f}")]
+
+
+def run(row, seed, args):
+    out = os.path.join(args.root, f"{row}_s{seed}" + (f"_{args.steps}" if args.steps else ""))
+    if os.path.exists(os.path.join(out, "results.json")):
+        print(f"{out}: done before, skipped")
+        return
+    os.makedirs(out, exist_ok=True)
+    shared = os.path.join(args.root, "referee.pt")          # one referee for every row: same judge, 1 min saved
+    if os.path.exists(shared):
+        shutil.copy(shared, os.path.join(out, "referee.pt"))
+    cmd = [sys.executable, "train_mnist.py", "--data-dir", args.data_dir, "--out", out, "--seed", str(seed),
+           *(["--steps", str(args.steps)] if args.steps else []), *ROWS[row], *LIGHT]
+    print(" ".join(cmd[1:]), flush=True)
+    with open(os.path.join(out, "log.txt"), "w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        sys.exit(f"{out}: train_mnist.py exited with {rc}; see {out}/log.txt")
+    if not os.path.exists(shared):
+        shutil.copy(os.path.join(out, "referee.pt"), shared)
+
+
+def table(root, per_seed=False):
+    """A markdown table of every finished run under root: one line per row and budget (per_seed:
+    one line per run)."""
+    groups = {}
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "results.json")
+        if os.path.exists(path):
+            row = name if per_seed else name.rsplit("_s", 1)[0]
+            steps = json.load(open(path))["steps"]
+            groups.setdefault((row, steps), []).append(json.load(open(path)))
+    lines = ["| row | steps | seeds | " + " | ".join(m[1] for m in METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for (row, steps), runs in groups.items():
+        cells = []
+        for key, _, scale, fmt in METRICS:
+            v = [r[key] * scale for r in runs if key in r]
+            mean = fmt.format(sum(v) / len(v)) if v else "–"
+            cells.append(f"{mean} ({fmt.format(min(v))}-{fmt.format(max(v))})" if len(v) > 1 else mean)
+        lines.append(f"| {row} | {steps:,} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=[])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--steps", type=int, default=None, help="a common budget for every row of this call")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--root", default="ablations", help="one folder per run, under this one")
+    p.add_argument("--table", action="store_true", help="print the table of the finished runs")
+    p.add_argument("--per-seed", action="store_true", help="with --table: one line per run")
+    args = p.parse_args(argv)
+    for row in args.rows:
+        for seed in args.seeds:
+            run(row, seed, args)
+    if args.table or args.rows:
+        print(table(args.root, args.per_seed) if os.path.isdir(args.root) else f"no runs under {args.root}")
+
+
+if __name__ == "__main__":
+    main()
