@@ -66,9 +66,10 @@ def table(root, per_seed=False):
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name, "results.json")
         if os.path.exists(path):
-            row = name if per_seed else name.rsplit("_s", 1)[0]
-            steps = json.load(open(path))["steps"]
-            groups.setdefault((row, steps), []).append(json.load(open(path)))
+            with open(path) as f:
+                r = json.load(f)
+            row = name if per_seed else name.rsplit("_s", 1)[0]     # "<row>_s<seed>[_<steps>]"
+            groups.setdefault((row, r["steps"]), []).append(r)
     lines = ["| row | steps | seeds | " + " | ".join(m[1] for m in METRICS) + " |",
              "|---|---|---|" + "---|" * len(METRICS)]
     for (row, steps), runs in groups.items():

@@ -862,6 +862,6 @@ def test_every_ablation_row_is_a_valid_command_and_the_table_averages_seeds(tmp_
         assert args.eval_per_label == 50
     for seed, cap in ((0, 0.97), (1, 0.99)):
         os.makedirs(tmp_path / f"linear_s{seed}")
-        json.dump(dict(caption_acc=cap, fd=20.0 + seed, steps=300), open(tmp_path / f"linear_s{seed}/results.json", "w"))
+        (tmp_path / f"linear_s{seed}/results.json").write_text(json.dumps(dict(caption_acc=cap, fd=20.0 + seed, steps=300)))
     line = [l for l in ablations.table(str(tmp_path)).splitlines() if l.startswith("| linear |")]
     assert line == ["| linear | 300 | 2 | 98.00 (97.00-99.00) | – | 20.5 (20.0-21.0) | – | – |"]
