@@ -9,9 +9,9 @@ import struct
 import pytest
 import torch
 
-from transfusion import (Transfusion, TransfusionConfig, add_noise, classifier_free_guidance, cosine_alpha_bar,
-                         ddim_step, ddpm_step, drop_condition, max_timesteps, objective, patchify,
-                         sampling_timesteps, transfusion_mask, unpatchify)
+from transfusion import (Transfusion, TransfusionConfig, add_noise, classifier_free_guidance, collate,
+                         cosine_alpha_bar, ddim_step, ddpm_step, drop_condition, max_timesteps, objective,
+                         pack, patchify, sampling_timesteps, transfusion_mask, unpatchify)
 
 BOS, BOI, EOI, EOS, PAD = 11, 12, 13, 14, 10
 
@@ -123,6 +123,39 @@ def test_causal_image_attention_stops_later_patches_reaching_earlier_ones():
 
 
 # ---- what each output may depend on ----
+
+def test_pack_places_every_sequence_once_within_capacity():
+    lengths = [5, 3, 2, 4, 1, 5, 2]
+    where = pack(lengths, capacity=5)
+    cells = {(r, o + k) for (r, o), n in zip(where, lengths) for k in range(n)}
+    assert len(cells) == sum(lengths)                                   # no two sequences overlap
+    assert all(o + n <= 5 for (r, o), n in zip(where, lengths))         # no row overflows
+    assert 1 + max(r for r, _ in where) == 5                            # 22 positions in 5 rows of 5
+
+
+@pytest.mark.parametrize("encoder", ["linear", "unet"])
+def test_packed_rows_give_the_padded_batch_loss_and_gradients(encoder):
+    """Training packs short sequences into shared rows: the mask keeps them apart and their
+    positions restart, so the loss and every gradient are the padded batch's."""
+    model = tiny_model(patch_encoder=encoder).train()
+    seqs = [[text(BOS, 3), image(0), text(EOS)], [text(BOS), image(1), image(2), text(4, 5, EOS)],
+            [text(BOS, 7)], [text(BOS), image(3), text(EOS)], [text(BOS, 1, 2)]]
+    rows = [model.with_markers(s, t_clean=400) for s in seqs]
+    eps = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    results = []
+    for packed in (False, True):
+        batch = collate(model.cfg, rows, "cpu", packed=packed)
+        model.zero_grad()
+        loss, lm, ddpm = objective(model.cfg, batch, *model(batch), eps)
+        loss.backward()
+        results.append((batch, [lm, ddpm], [p.grad.clone() for p in model.parameters()]))
+    (padded, losses0, grads0), (packed, losses1, grads1) = results
+    longest = max(padded.valid.sum(1)).item()
+    assert packed.tokens.shape[0] < padded.tokens.shape[0] and packed.tokens.shape[1] == longest
+    assert packed.valid.sum() == padded.valid.sum()                     # the same positions, less padding
+    for a, b in zip(losses0 + grads0, losses1 + grads1):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
 
 def test_changing_a_later_text_token_leaves_earlier_outputs_unchanged():
     model = tiny_model()

@@ -329,8 +329,12 @@ class UNetPatches(nn.Module):
         self.from_tokens = nn.ConvTranspose2d(D, c, P, stride=P)
         self.up = ResBlock(2 * c, c, D)
         self.norm_out, self.conv_out = nn.GroupNorm(1, c), nn.Conv2d(c, cfg.channels, 3, padding=1)
+        # speed only, the same numbers: store weights and images channels-last, (H, W, C) in
+        # memory, the layout in which oneDNN's CPU convolutions run fastest (docs/speed.md)
+        self.to(memory_format=torch.channels_last)
 
     def encode(self, x, temb):
+        x = x.contiguous(memory_format=torch.channels_last)              # (M, C, H, W), see above
         skip = self.down(self.conv_in(x), temb)                         # (M, c, H, W)
         h = self.to_tokens(skip)                                        # (M, D, H/P, W/P)
         return h.flatten(2).transpose(1, 2) + temb[:, None, :], skip    # (M, N, D), raster order
@@ -345,21 +349,26 @@ class UNetPatches(nn.Module):
 
 # ---- 4. The Transfusion attention mask (§3 "Transfusion Attention", Fig. 4) ----
 
-def transfusion_mask(img_id, valid, bidirectional: bool = True):
+def transfusion_mask(img_id, valid, bidirectional: bool = True, seq=None):
     """Who may attend to whom, for a padded batch.
 
     img_id (B, S): for each position the index of the image its patch belongs to, or
         -1 for text (BOI and EOI are text) and padding.
     valid (B, S): False at padding.
+    seq (B, S), optional: which sequence of a packed row a position belongs to (`collate`
+        with pack=True puts several short sequences in one row); None: one per row.
     Returns (B, S, S) bool, True where query i may attend to key j: causal over the
     whole sequence, plus, if `bidirectional`, every pair of patches of the same image,
-    never a padding key. A padding query sees itself, so no softmax row is empty.
+    never a padding key nor another sequence of the row. A padding query sees itself,
+    so no softmax row is empty.
     """
     S = img_id.shape[1]
     mask = torch.ones(S, S, dtype=torch.bool, device=img_id.device).tril()     # (S, S) causal
     if bidirectional:  # the paper's choice; causal images lose FID, most with linear patches (Table 5)
         same_image = (img_id[:, :, None] == img_id[:, None, :]) & (img_id[:, :, None] >= 0)  # (B, S, S)
         mask = mask | same_image
+    if seq is not None:  # packed rows: each sequence sees only itself, as if it had a row of its own
+        mask = mask & (seq[:, :, None] == seq[:, None, :])                      # (B, S, S)
     mask = mask & valid[:, None, :]                                             # (B, S, S)
     return mask | torch.eye(S, dtype=torch.bool, device=img_id.device)
 
@@ -438,11 +447,12 @@ class Batch:
     tokens: torch.Tensor   # (B, S) text token ids; PAD at patches and padding
     img_id: torch.Tensor   # (B, S) index m of the image a patch belongs to, -1 elsewhere
     valid: torch.Tensor    # (B, S) False at padding
-    pos: torch.Tensor      # (B, S) RoPE positions
+    pos: torch.Tensor      # (B, S) RoPE positions (they restart at each sequence of a packed row)
     images: torch.Tensor   # (M, C, H, W) the images as the model sees them (x_t)
     t: torch.Tensor        # (M,) their diffusion timesteps
     img_row: torch.Tensor  # (M,) the row of image m ...
     img_col: torch.Tensor  # (M,) ... and the column of its first patch
+    seq: torch.Tensor      # (B, S) which sequence of its row a position belongs to (0 unless packed)
 
 
 def check_batch(cfg: TransfusionConfig, seqs: Sequence[Sequence[Segment]]):
@@ -510,10 +520,28 @@ def n_positions(cfg: TransfusionConfig, items: list) -> int:
     return sum(cfg.n_patches if isinstance(item, tuple) else item.numel() for item in items)
 
 
+def pack(lengths: Sequence[int], capacity: int) -> List[Tuple[int, int]]:
+    """First-fit decreasing: put sequences of these lengths into as few rows of
+    `capacity` positions as it finds. Returns (row, offset) for each sequence."""
+    ends, where = [], [None] * len(lengths)           # ends[r]: the positions row r has filled
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, end in enumerate(ends) if end + lengths[i] <= capacity), len(ends))
+        if r == len(ends):
+            ends.append(0)
+        where[i] = (r, ends[r])
+        ends[r] += lengths[i]
+    return where
+
+
 def collate(cfg: TransfusionConfig, rows: Sequence[list], device,
-            start_pos: Optional[Sequence[int]] = None) -> Batch:
+            start_pos: Optional[Sequence[int]] = None, packed: bool = False) -> Batch:
     """Lists of items (token tensors and (image, t) pairs) -> one right-padded Batch.
-    Row b's positions start at start_pos[b] (0 unless continuing a KV cache)."""
+    Row b's positions start at start_pos[b] (0 unless continuing a KV cache).
+
+    packed=True (training): short sequences share a row, no longer than the longest
+    sequence, instead of each being padded to it; `seq` and the mask keep them apart and
+    their positions restart at 0, so the loss is the padded batch's. Images keep their
+    order (m), only their place in the batch moves."""
     N = cfg.n_patches
     tokens, img_id, pos, images, ts, img_row, img_col = [], [], [], [], [], [], []
     for b, items in enumerate(rows):
@@ -533,6 +561,17 @@ def collate(cfg: TransfusionConfig, rows: Sequence[list], device,
         tokens.append(tok)
         img_id.append(ids)
         pos.append(list(range(p0, p0 + len(tok))))
+    seq = [[0] * len(tok) for tok in tokens]
+    if packed:  # move each sequence to its (row, offset) and join the rows' pieces
+        where = pack([len(tok) for tok in tokens], max(len(tok) for tok in tokens))
+        img_row, img_col = [where[b][0] for b in img_row], [where[b][1] + c for b, c in zip(img_row, img_col)]
+        order = sorted(range(len(rows)), key=lambda b: where[b])        # by row, then offset
+        R = 1 + max(r for r, _ in where)
+        joined = [[[] for _ in range(R)] for _ in range(4)]
+        for b in order:
+            for new, old in zip(joined, (tokens, img_id, pos, [[b] * len(tok) for tok in tokens])):
+                new[where[b][0]] += old[b]
+        tokens, img_id, pos, seq = joined
     S = max(1, max(len(tok) for tok in tokens))
 
     def pad(rows_, value):
@@ -545,7 +584,8 @@ def collate(cfg: TransfusionConfig, rows: Sequence[list], device,
                  pos=pad(pos, 0), images=img,
                  t=torch.tensor(ts, dtype=torch.long, device=device),
                  img_row=torch.tensor(img_row, dtype=torch.long, device=device),
-                 img_col=torch.tensor(img_col, dtype=torch.long, device=device))
+                 img_col=torch.tensor(img_col, dtype=torch.long, device=device),
+                 seq=pad(seq, -1))
 
 
 # ---- 7. The model: one transformer over text and patches (§3 "Model Architecture", Fig. 3) ----
@@ -619,7 +659,7 @@ class Transfusion(nn.Module):
             cols = (batch.img_col[:, None] + torch.arange(N, device=h.device)).reshape(-1)  # (M*N,)
             h = h.index_put((rows, cols), patch_tokens.reshape(M * N, -1).to(h.dtype))  # (B, S, D)
         bidirectional = self.cfg.image_attention == "bidirectional"
-        mask = transfusion_mask(batch.img_id, batch.valid, bidirectional=bidirectional)  # (B, S, S)
+        mask = transfusion_mask(batch.img_id, batch.valid, bidirectional, batch.seq)   # (B, S, S)
         if cache is not None and len(cache):
             # the cached prefix lies wholly before the new tokens: visible wherever it is valid
             mask = torch.cat([cache.valid[:, None, :].expand(B, S, -1), mask], dim=2)  # (B, S, L+S)
@@ -720,7 +760,7 @@ def transfusion_loss(model: Transfusion, seqs: Sequence[Sequence[Segment]],
     # the same sequences with each clean image replaced by its x_t, in order
     noisy = iter(zip(xt, t.tolist()))
     rows = [[next(noisy) if isinstance(item, tuple) else item for item in with_markers(cfg, seq)] for seq in seqs]
-    batch = collate(cfg, rows, device)
+    batch = collate(cfg, rows, device, packed=True)   # short sequences share rows: less padding
     logits, eps_hat = model(batch)
     return objective(cfg, batch, logits, eps_hat, eps)
 
@@ -728,10 +768,12 @@ def transfusion_loss(model: Transfusion, seqs: Sequence[Sequence[Segment]],
 def objective(cfg: TransfusionConfig, batch: Batch, logits, eps_hat, eps):
     """Eq. 4 from the model's outputs: (total, lm, ddpm). LM loss per text token (Eq. 1):
     position i predicts token i+1 where both are text; none where the input is BOI
-    (footnote 8: the next element is a patch) or padding. Diffusion loss per image
-    (Eq. 3): the MSE over one image's pixels, averaged over images."""
+    (footnote 8: the next element is a patch), at padding, or into the next sequence of a
+    packed row. Diffusion loss per image (Eq. 3): the MSE over one image's pixels,
+    averaged over images."""
     is_text = batch.valid & (batch.img_id < 0)                      # (B, S)
     has_target = is_text[:, :-1] & is_text[:, 1:] & (batch.tokens[:, :-1] != cfg.boi_id)  # (B, S-1)
+    has_target = has_target & (batch.seq[:, :-1] == batch.seq[:, 1:])   # not across packed sequences
     lm = (F.cross_entropy(logits[:, :-1][has_target].float(), batch.tokens[:, 1:][has_target])  # Eq. 1
           if has_target.any() else torch.zeros((), device=logits.device))
     if eps_hat is not None and eps_hat.shape[0]:
