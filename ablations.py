@@ -8,6 +8,7 @@ again, so a sweep can be stopped and restarted.
 
     python ablations.py --data-dir ../shared/data --rows linear linear-causal --seeds 0 1
     python ablations.py --table [--per-seed]     # the figures so far: mean (min-max) over seeds
+    python ablations.py --denoise-loss --data-dir ../shared/data   # held-out noise-prediction loss by t
 
 --steps gives every row of one call a shorter common budget (say so beside the figures).
 """
@@ -82,6 +83,33 @@ def table(root, per_seed=False):
     return "\n".join(lines)
 
 
+DENOISE_T = (20, 100, 250, 500, 750, 950)
+
+
+def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T):
+    """What every model is trained to do, measured held out: the noise-prediction MSE (Eq. 3)
+    on the first n MNIST test digits, each after its caption (`BOS d ; d <img> EOS`), at fixed
+    noise levels t, with the same noise for every model. It asks how well the denoiser uses the
+    image (what the attention mask changes), without a sampler or a referee in between."""
+    import torch
+    import train_mnist as tm
+    from transfusion import add_noise, collate
+    model = tm.load_checkpoint(ckpt)
+    u8, labels = tm.load_digits(data_dir, train=False)
+    x0, labels = tm.to_model_range(u8[:n]), labels[:n].tolist()
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for t in ts:
+        eps = torch.randn(x0.shape, generator=gen)
+        xt = add_noise(x0, torch.full((n,), t), eps, model.alpha_bar)   # (n, 1, 28, 28)
+        rows = [[torch.tensor([tm.BOS, d, tm.SEP, d, tm.BOI]), (x, t), torch.tensor([tm.EOI, tm.EOS])]
+                for d, x in zip(labels, xt)]
+        with torch.no_grad():
+            eps_hat = torch.cat([model(collate(model.cfg, rows[i:i + 250], "cpu"))[1] for i in range(0, n, 250)])
+        losses.append(float((eps_hat - eps).pow(2).mean()))
+    return losses
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=[])
@@ -91,7 +119,15 @@ def main(argv=None):
     p.add_argument("--root", default="ablations", help="one folder per run, under this one")
     p.add_argument("--table", action="store_true", help="print the table of the finished runs")
     p.add_argument("--per-seed", action="store_true", help="with --table: one line per run")
+    p.add_argument("--denoise-loss", action="store_true",
+                   help="print each finished run's held-out noise-prediction loss at fixed t")
     args = p.parse_args(argv)
+    if args.denoise_loss:
+        print("| run | " + " | ".join(f"t = {t}" for t in DENOISE_T) + " |\n|---|" + "---|" * len(DENOISE_T))
+        for name in sorted(os.listdir(args.root)):
+            if os.path.exists(os.path.join(args.root, name, "results.json")):
+                losses = denoise_loss(os.path.join(args.root, name, "ckpt.pt"), args.data_dir)
+                print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in losses) + " |", flush=True)
     for row in args.rows:
         for seed in args.seeds:
             run(row, seed, args)
