@@ -777,6 +777,23 @@ def test_resume_ends_in_the_model_of_the_uninterrupted_run(fake_data, tmp_path, 
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_resume_of_a_checkpoint_with_contiguous_adam_moments(fake_data, tmp_path):
+    """Checkpoints from before the U-Net went channels-last hold Adam's moments contiguous;
+    resuming one still ends in the uninterrupted run's model (the fused update walks raw memory)."""
+    assert run_script(fake_data, tmp_path / "straight", "--steps", "4", *NO_EVAL)[0] == 0
+    log, _ = ctrl_c_at(2)
+    assert run_script(fake_data, tmp_path / "split", "--steps", "4", *NO_EVAL, log=log)[0] == 130
+    ck = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    moments = [v for st in ck["train"]["opt"]["state"].values() for v in st.values() if v.dim() == 4]
+    assert moments and not all(v.is_contiguous() for v in moments)     # the U-Net's are channels-last
+    for st in ck["train"]["opt"]["state"].values():
+        st.update({k: v.contiguous() for k, v in st.items()})
+    torch.save(ck, tmp_path / "split" / "ckpt.pt")
+    assert run_script(fake_data, tmp_path / "split", "--resume", *NO_EVAL)[0] == 0
+    (_, ta), (_, tb) = ckpt_tensors(tmp_path / "straight" / "ckpt.pt"), ckpt_tensors(tmp_path / "split" / "ckpt.pt")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def test_resume_refuses_other_settings_and_a_new_run_never_overwrites(fake_data, tmp_path, capsys):
     log, _ = ctrl_c_at(2)
     run_script(fake_data, tmp_path, "--steps", "6", *NO_EVAL, log=log)

@@ -254,6 +254,12 @@ def restore_state(ckpt, args, device):
     state["model"].load_state_dict(tr["model"])
     state["ema"].load_state_dict(ckpt["model"])
     state["opt"].load_state_dict(tr["opt"])
+    # Adam's moments in their weight's memory layout: a checkpoint from before the U-Net went
+    # channels-last holds them contiguous, and the fused update walks both tensors' memory in step
+    for p, moments in state["opt"].state.items():
+        for k, v in moments.items():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                moments[k] = torch.empty_like(p).copy_(v)
     state["gen"].set_state(tr["gen"])
     state.update(step=tr["step"], order=tr["order"], cursor=tr["cursor"], hist=tr["hist"], seconds=tr["seconds"])
     return state
@@ -487,7 +493,7 @@ def build_parser():
     a("--out", default="out")
     a("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     a("--seed", type=int, default=0)
-    a("--steps", type=int, default=10000, help="training steps: the run's length and its LR schedule")
+    a("--steps", type=int, default=12500, help="training steps: the run's length and its LR schedule")
     a("--minutes", type=float, default=None, help="optional cap on training wall time (the schedule stays that "
                                                    "of --steps; the run can be resumed)")
     a("--resume", action="store_true", help="continue the run saved in <out>/ckpt.pt")

@@ -52,9 +52,12 @@ Deviations from the paper (all made so the model trains on a laptop CPU):
 - A DDIM sampler (Song et al. 2021) is offered beside the paper's DDPM one, for
   fewer steps.
 
-Left out on purpose: the VAE, text tokenization (ids are given), packing many
-documents into one 4096-token row, distributed training and the image-editing
-fine-tune (§4.5).
+Speed only, the same numbers: training packs short sequences into shared rows
+(`collate`, section 6), each seeing only itself, so a step pads less; the U-Net's
+convolutions run channels-last.
+
+Left out on purpose: the VAE, text tokenization (ids are given), distributed
+training and the image-editing fine-tune (§4.5).
 """
 import math
 from dataclasses import dataclass
@@ -334,7 +337,7 @@ class UNetPatches(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def encode(self, x, temb):
-        x = x.contiguous(memory_format=torch.channels_last)              # (M, C, H, W), see above
+        x = x.contiguous(memory_format=torch.channels_last)              # (M, C, H, W); a no-op if C = 1
         skip = self.down(self.conv_in(x), temb)                         # (M, c, H, W)
         h = self.to_tokens(skip)                                        # (M, D, H/P, W/P)
         return h.flatten(2).transpose(1, 2) + temb[:, None, :], skip    # (M, N, D), raster order
@@ -355,8 +358,8 @@ def transfusion_mask(img_id, valid, bidirectional: bool = True, seq=None):
     img_id (B, S): for each position the index of the image its patch belongs to, or
         -1 for text (BOI and EOI are text) and padding.
     valid (B, S): False at padding.
-    seq (B, S), optional: which sequence of a packed row a position belongs to (`collate`
-        with pack=True puts several short sequences in one row); None: one per row.
+    seq (B, S), optional: which sequence a position belongs to (`collate` with packed=True
+        puts several short sequences in one row); None: one sequence per row.
     Returns (B, S, S) bool, True where query i may attend to key j: causal over the
     whole sequence, plus, if `bidirectional`, every pair of patches of the same image,
     never a padding key nor another sequence of the row. A padding query sees itself,
@@ -452,7 +455,7 @@ class Batch:
     t: torch.Tensor        # (M,) their diffusion timesteps
     img_row: torch.Tensor  # (M,) the row of image m ...
     img_col: torch.Tensor  # (M,) ... and the column of its first patch
-    seq: torch.Tensor      # (B, S) which sequence of its row a position belongs to (0 unless packed)
+    seq: torch.Tensor      # (B, S) which sequence a position belongs to (a row may hold several)
 
 
 def check_batch(cfg: TransfusionConfig, seqs: Sequence[Sequence[Segment]]):
@@ -523,6 +526,7 @@ def n_positions(cfg: TransfusionConfig, items: list) -> int:
 def pack(lengths: Sequence[int], capacity: int) -> List[Tuple[int, int]]:
     """First-fit decreasing: put sequences of these lengths into as few rows of
     `capacity` positions as it finds. Returns (row, offset) for each sequence."""
+    assert max(lengths) <= capacity, "a sequence longer than a row"
     ends, where = [], [None] * len(lengths)           # ends[r]: the positions row r has filled
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         r = next((r for r, end in enumerate(ends) if end + lengths[i] <= capacity), len(ends))
@@ -536,7 +540,8 @@ def pack(lengths: Sequence[int], capacity: int) -> List[Tuple[int, int]]:
 def collate(cfg: TransfusionConfig, rows: Sequence[list], device,
             start_pos: Optional[Sequence[int]] = None, packed: bool = False) -> Batch:
     """Lists of items (token tensors and (image, t) pairs) -> one right-padded Batch.
-    Row b's positions start at start_pos[b] (0 unless continuing a KV cache).
+    Sequence b's positions start at start_pos[b] (0 unless continuing a KV cache).
+    A KV cache continues rows, so it takes unpacked batches only.
 
     packed=True (training): short sequences share a row, no longer than the longest
     sequence, instead of each being padded to it; `seq` and the mask keep them apart and
@@ -561,15 +566,14 @@ def collate(cfg: TransfusionConfig, rows: Sequence[list], device,
         tokens.append(tok)
         img_id.append(ids)
         pos.append(list(range(p0, p0 + len(tok))))
-    seq = [[0] * len(tok) for tok in tokens]
-    if packed:  # move each sequence to its (row, offset) and join the rows' pieces
-        where = pack([len(tok) for tok in tokens], max(len(tok) for tok in tokens))
-        img_row, img_col = [where[b][0] for b in img_row], [where[b][1] + c for b, c in zip(img_row, img_col)]
-        order = sorted(range(len(rows)), key=lambda b: where[b])        # by row, then offset
-        R = 1 + max(r for r, _ in where)
-        joined = [[[] for _ in range(R)] for _ in range(4)]
-        for b in order:
-            for new, old in zip(joined, (tokens, img_id, pos, [[b] * len(tok) for tok in tokens])):
+    seq = [[b] * len(tok) for b, tok in enumerate(tokens)]             # which sequence each position is
+    if packed:  # sequence b moves to row r at offset o, and its images with it
+        where = pack([len(tok) for tok in tokens], capacity=max(len(tok) for tok in tokens))
+        img_col = [where[b][1] + col for b, col in zip(img_row, img_col)]
+        img_row = [where[b][0] for b in img_row]
+        joined = [[[] for _ in range(1 + max(r for r, _ in where))] for _ in range(4)]
+        for b in sorted(range(len(tokens)), key=lambda b: where[b]):     # row by row, left to right
+            for new, old in zip(joined, (tokens, img_id, pos, seq)):
                 new[where[b][0]] += old[b]
         tokens, img_id, pos, seq = joined
     S = max(1, max(len(tok) for tok in tokens))
