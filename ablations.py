@@ -93,19 +93,21 @@ def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T):
     image (what the attention mask changes), without a sampler or a referee in between."""
     import torch
     import train_mnist as tm
-    from transfusion import add_noise, collate
+    from transfusion import add_noise
     model = tm.load_checkpoint(ckpt)
     u8, labels = tm.load_digits(data_dir, train=False)
-    x0, labels = tm.to_model_range(u8[:n]), labels[:n].tolist()
+    x0, labels = tm.to_model_range(u8[:n]), labels[:n]                 # (n, 1, 28, 28), (n,)
     gen = torch.Generator().manual_seed(0)
     losses = []
     for t in ts:
         eps = torch.randn(x0.shape, generator=gen)
         xt = add_noise(x0, torch.full((n,), t), eps, model.alpha_bar)   # (n, 1, 28, 28)
-        rows = [[torch.tensor([tm.BOS, d, tm.SEP, d, tm.BOI]), (x, t), torch.tensor([tm.EOI, tm.EOS])]
-                for d, x in zip(labels, xt)]
+        # the training layout of a one-digit number, its image shown at this t
+        rows = [model.with_markers(tm.number_sequence(xt[i:i + 1], labels[i:i + 1], caption_first=True), t_clean=t)
+                for i in range(n)]
         with torch.no_grad():
-            eps_hat = torch.cat([model(collate(model.cfg, rows[i:i + 250], "cpu"))[1] for i in range(0, n, 250)])
+            eps_hat = torch.cat([model(model.collate(rows[i:i + 250]))[1]
+                                 for i in range(0, n, 250)])                # (n, 1, 28, 28)
         losses.append(float((eps_hat - eps).pow(2).mean()))
     return losses
 
@@ -122,6 +124,8 @@ def main(argv=None):
     p.add_argument("--denoise-loss", action="store_true",
                    help="print each finished run's held-out noise-prediction loss at fixed t")
     args = p.parse_args(argv)
+    if (args.table or args.denoise_loss) and not os.path.isdir(args.root):
+        sys.exit(f"no runs under {args.root}")
     if args.denoise_loss:
         print("| run | " + " | ".join(f"t = {t}" for t in DENOISE_T) + " |\n|---|" + "---|" * len(DENOISE_T))
         for name in sorted(os.listdir(args.root)):
@@ -132,7 +136,7 @@ def main(argv=None):
         for seed in args.seeds:
             run(row, seed, args)
     if args.table or args.rows:
-        print(table(args.root, args.per_seed) if os.path.isdir(args.root) else f"no runs under {args.root}")
+        print(table(args.root, args.per_seed))
 
 
 if __name__ == "__main__":
