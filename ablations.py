@@ -8,7 +8,8 @@ again, so a sweep can be stopped and restarted.
 
     python ablations.py --data-dir ../shared/data --rows linear linear-causal --seeds 0 1
     python ablations.py --table [--per-seed]     # the figures so far: mean (min-max) over seeds
-    python ablations.py --denoise-loss --data-dir ../shared/data   # held-out noise-prediction loss by t
+    python ablations.py --denoise-loss --data-dir ../shared/data   # held-out noise-prediction loss by t,
+                                                  # and how much lower the caption makes it
 
 --steps gives every row of one call a shorter common budget (say so beside the figures).
 """
@@ -86,14 +87,16 @@ def table(root, per_seed=False):
 DENOISE_T = (20, 100, 250, 500, 750, 950)
 
 
-def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T):
+def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T, unconditional=False):
     """What every model is trained to do, measured held out: the noise-prediction MSE (Eq. 3)
     on the first n MNIST test digits, each after its caption (`BOS d ; d <img> EOS`), at fixed
     noise levels t, with the same noise for every model. It asks how well the denoiser uses the
-    image (what the attention mask changes), without a sampler or a referee in between."""
+    image (what the attention mask changes), without a sampler or a referee in between.
+    unconditional: the same images and noise in guidance's caption-free context (BOS BOI x_t),
+    so that the two losses together say how much the caption helps the denoiser."""
     import torch
     import train_mnist as tm
-    from transfusion import add_noise
+    from transfusion import add_noise, unconditional_eps
     model = tm.load_checkpoint(ckpt)
     u8, labels = tm.load_digits(data_dir, train=False)
     x0, labels = tm.to_model_range(u8[:n]), labels[:n]                 # (n, 1, 28, 28), (n,)
@@ -106,7 +109,8 @@ def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T):
         rows = [model.with_markers(tm.number_sequence(xt[i:i + 1], labels[i:i + 1], caption_first=True), t_clean=t)
                 for i in range(n)]
         with torch.no_grad():
-            eps_hat = torch.cat([model(model.collate(rows[i:i + 250]))[1]
+            eps_hat = torch.cat([unconditional_eps(model, xt[i:i + 250], t) if unconditional
+                                 else model(model.collate(rows[i:i + 250]))[1]
                                  for i in range(0, n, 250)])                # (n, 1, 28, 28)
         losses.append(float((eps_hat - eps).pow(2).mean()))
     return losses
@@ -122,16 +126,21 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="print the table of the finished runs")
     p.add_argument("--per-seed", action="store_true", help="with --table: one line per run")
     p.add_argument("--denoise-loss", action="store_true",
-                   help="print each finished run's held-out noise-prediction loss at fixed t")
+                   help="print each finished run's held-out noise-prediction loss at fixed t, "
+                        "and how much lower the caption makes it")
     args = p.parse_args(argv)
     if (args.table or args.denoise_loss) and not os.path.isdir(args.root):
         sys.exit(f"no runs under {args.root}")
-    if args.denoise_loss:
-        print("| run | " + " | ".join(f"t = {t}" for t in DENOISE_T) + " |\n|---|" + "---|" * len(DENOISE_T))
+    if args.denoise_loss:   # per run: the loss after the caption, then how much lower it is than without
+        head = " | ".join(f"t = {t}" for t in DENOISE_T)
+        print(f"| run | {head} | caption's gain: {head} |\n|---|" + "---|" * 2 * len(DENOISE_T))
         for name in sorted(os.listdir(args.root)):
             if os.path.exists(os.path.join(args.root, name, "results.json")):
-                losses = denoise_loss(os.path.join(args.root, name, "ckpt.pt"), args.data_dir)
-                print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in losses) + " |", flush=True)
+                ckpt = os.path.join(args.root, name, "ckpt.pt")
+                cond = denoise_loss(ckpt, args.data_dir)
+                gain = [1 - c / u for c, u in zip(cond, denoise_loss(ckpt, args.data_dir, unconditional=True))]
+                print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in cond) + " | "
+                      + " | ".join(f"{100 * g:.1f}%" for g in gain) + " |", flush=True)
     for row in args.rows:
         for seed in args.seeds:
             run(row, seed, args)
