@@ -87,13 +87,14 @@ def table(root, per_seed=False):
 DENOISE_T = (20, 100, 250, 500, 750, 950)
 
 
-def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T, unconditional=False):
+def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T):
     """What every model is trained to do, measured held out: the noise-prediction MSE (Eq. 3)
     on the first n MNIST test digits, each after its caption (`BOS d ; d <img> EOS`), at fixed
     noise levels t, with the same noise for every model. It asks how well the denoiser uses the
     image (what the attention mask changes), without a sampler or a referee in between.
-    unconditional: the same images and noise in guidance's caption-free context (BOS BOI x_t),
-    so that the two losses together say how much the caption helps the denoiser."""
+    Returns (with_caption, without_caption), a loss per t each: the second scores the same noisy
+    images in guidance's caption-free context (BOS BOI x_t), so the pair says how much the model
+    leans on the digit it was asked for."""
     import torch
     import train_mnist as tm
     from transfusion import add_noise, unconditional_eps
@@ -101,7 +102,7 @@ def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T, unconditional=False):
     u8, labels = tm.load_digits(data_dir, train=False)
     x0, labels = tm.to_model_range(u8[:n]), labels[:n]                 # (n, 1, 28, 28), (n,)
     gen = torch.Generator().manual_seed(0)
-    losses = []
+    cond, uncond = [], []
     for t in ts:
         eps = torch.randn(x0.shape, generator=gen)
         xt = add_noise(x0, torch.full((n,), t), eps, model.alpha_bar)   # (n, 1, 28, 28)
@@ -109,11 +110,11 @@ def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T, unconditional=False):
         rows = [model.with_markers(tm.number_sequence(xt[i:i + 1], labels[i:i + 1], caption_first=True), t_clean=t)
                 for i in range(n)]
         with torch.no_grad():
-            eps_hat = torch.cat([unconditional_eps(model, xt[i:i + 250], t) if unconditional
-                                 else model(model.collate(rows[i:i + 250]))[1]
-                                 for i in range(0, n, 250)])                # (n, 1, 28, 28)
-        losses.append(float((eps_hat - eps).pow(2).mean()))
-    return losses
+            eps_c = torch.cat([model(model.collate(rows[i:i + 250]))[1] for i in range(0, n, 250)])   # (n, 1, 28, 28)
+            eps_u = torch.cat([unconditional_eps(model, xt[i:i + 250], t) for i in range(0, n, 250)])  # (n, 1, 28, 28)
+        cond.append(float((eps_c - eps).pow(2).mean()))
+        uncond.append(float((eps_u - eps).pow(2).mean()))
+    return cond, uncond
 
 
 def main(argv=None):
@@ -137,10 +138,10 @@ def main(argv=None):
         for name in sorted(os.listdir(args.root)):
             if os.path.exists(os.path.join(args.root, name, "results.json")):
                 ckpt = os.path.join(args.root, name, "ckpt.pt")
-                cond = denoise_loss(ckpt, args.data_dir)
-                gain = [1 - c / u for c, u in zip(cond, denoise_loss(ckpt, args.data_dir, unconditional=True))]
+                cond, uncond = denoise_loss(ckpt, args.data_dir)
+                gain = [round(100 * (1 - c / u), 1) + 0.0 for c, u in zip(cond, uncond)]   # + 0.0: no "-0.0"
                 print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in cond) + " | "
-                      + " | ".join(f"{100 * g:.1f}%" for g in gain) + " |", flush=True)
+                      + " | ".join(f"{g:.1f}%" for g in gain) + " |", flush=True)
     for row in args.rows:
         for seed in args.seeds:
             run(row, seed, args)
