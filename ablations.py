@@ -10,6 +10,8 @@ again, so a sweep can be stopped and restarted.
     python ablations.py --table [--per-seed]     # the figures so far: mean (min-max) over seeds
     python ablations.py --denoise-loss --data-dir ../shared/data   # held-out noise-prediction loss by t,
                                                   # and how much lower the caption makes it
+    python ablations.py --uncond --data-dir ../shared/data [--runs linear4_s0 ...]   # digits drawn
+                                                  # with no caption at all: Frechet distance
 
 --steps gives every row of one call a shorter common budget (say so beside the figures).
 """
@@ -117,6 +119,40 @@ def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T):
     return cond, uncond
 
 
+def unconditional_fd(ckpt, referee, data_dir, n=500, steps=100):
+    """Draw n digits with no caption at all: the sampler (DDPM, `steps` of the 1,000) run on the
+    caption-free context alone, BOS BOI x_t, the prediction that guidance subtracts (§2.2).
+    Without a digit to follow, the image must come from the denoiser's reading of the image
+    itself, which is what the mask of Table 5 changes. Returns (Frechet distance of the n
+    digits to the MNIST test set, by `referee`'s features; the referee's class counts)."""
+    import torch
+    import mnist_eval as me
+    import train_mnist as tm
+    from transfusion import SAMPLERS, sampling_timesteps, unconditional_eps
+    model = tm.load_checkpoint(ckpt)
+    u8, _ = tm.load_digits(data_dir, train=False)
+    gen = torch.Generator().manual_seed(0)                               # the same noise for every model
+    x = torch.randn(n, 1, 28, 28, generator=gen)                         # x_T
+    with torch.no_grad():
+        for t, t_prev in sampling_timesteps(model.cfg.T, steps):
+            eps = torch.cat([unconditional_eps(model, x[i:i + 250], t) for i in range(0, n, 250)])
+            x = SAMPLERS["ddpm"](x, eps, t, t_prev, model.alpha_bar, torch.randn(x.shape, generator=gen))
+    digits = ((x + 1) / 2).clamp(0, 1)                                   # (n, 1, 28, 28) in [0, 1]
+    fd = me.frechet_distance(me.batched(referee.features, digits),
+                             me.batched(referee.features, u8.float().div(255).unsqueeze(1)))
+    return fd, torch.bincount(me.batched(referee, digits).argmax(1), minlength=10).tolist()
+
+
+def finished_runs(args):
+    """The run folders under args.root that finished (results.json), or those of --runs; a name
+    in --runs that did not finish ends the command, before any model is loaded."""
+    names = sorted(n for n in os.listdir(args.root) if os.path.exists(os.path.join(args.root, n, "results.json")))
+    missing = [r for r in args.runs or [] if r not in names]
+    if missing:
+        sys.exit(f"no finished run {', '.join(missing)} under {args.root}")
+    return [n for n in names if not args.runs or n in args.runs]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=[])
@@ -129,19 +165,34 @@ def main(argv=None):
     p.add_argument("--denoise-loss", action="store_true",
                    help="print each finished run's held-out noise-prediction loss at fixed t, "
                         "and how much lower the caption makes it")
+    p.add_argument("--uncond", action="store_true",
+                   help="print the Frechet distance of 500 digits each finished run draws with no caption")
+    p.add_argument("--runs", nargs="+", metavar="RUN", help="with --denoise-loss or --uncond: only these run "
+                                                             "folders, e.g. linear4_s0 (default: every finished run)")
     args = p.parse_args(argv)
-    if (args.table or args.denoise_loss) and not os.path.isdir(args.root):
+    if args.runs and not (args.denoise_loss or args.uncond):
+        p.error("--runs goes with --denoise-loss or --uncond")
+    if (args.table or args.denoise_loss or args.uncond) and not os.path.isdir(args.root):
         sys.exit(f"no runs under {args.root}")
     if args.denoise_loss:   # per run: the loss after the caption, then how much lower it is than without
         head = " | ".join(f"t = {t}" for t in DENOISE_T)
         print(f"| run | {head} | caption's gain: {head} |\n|---|" + "---|" * 2 * len(DENOISE_T))
-        for name in sorted(os.listdir(args.root)):
-            if os.path.exists(os.path.join(args.root, name, "results.json")):
-                ckpt = os.path.join(args.root, name, "ckpt.pt")
-                cond, uncond = denoise_loss(ckpt, args.data_dir)
-                gain = [round(100 * (1 - c / u), 1) + 0.0 for c, u in zip(cond, uncond)]   # + 0.0: no "-0.0"
-                print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in cond) + " | "
-                      + " | ".join(f"{g:.1f}%" for g in gain) + " |", flush=True)
+        for name in finished_runs(args):
+            cond, uncond = denoise_loss(os.path.join(args.root, name, "ckpt.pt"), args.data_dir)
+            gain = [round(100 * (1 - c / u), 1) + 0.0 for c, u in zip(cond, uncond)]   # + 0.0: no "-0.0"
+            print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in cond) + " | "
+                  + " | ".join(f"{g:.1f}%" for g in gain) + " |", flush=True)
+    if args.uncond:   # per run: digits drawn from BOS BOI alone, judged by the sweep's one referee
+        import torch
+        import mnist_eval as me
+        names = finished_runs(args)
+        referee = me.Referee()
+        referee.load_state_dict(torch.load(os.path.join(args.root, "referee.pt"), weights_only=True))
+        referee.eval()
+        print("| run | Fréchet, no caption | referee's classes 0-9 |\n|---|---|---|")
+        for name in names:
+            fd, counts = unconditional_fd(os.path.join(args.root, name, "ckpt.pt"), referee, args.data_dir)
+            print(f"| {name} | {fd:.1f} | {' '.join(map(str, counts))} |", flush=True)
     for row in args.rows:
         for seed in args.seeds:
             run(row, seed, args)

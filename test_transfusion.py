@@ -915,3 +915,18 @@ def test_every_ablation_row_is_a_valid_command_and_the_table_averages_seeds(tmp_
         (tmp_path / f"linear_s{seed}/results.json").write_text(json.dumps(dict(caption_acc=cap, fd=20.0 + seed, steps=300)))
     line = [l for l in ablations.table(str(tmp_path)).splitlines() if l.startswith("| linear |")]
     assert line == ["| linear | 300 | 2 | 98.00 (97.00-99.00) | – | 20.5 (20.0-21.0) | – | – |"]
+
+
+def test_ablations_uncond_draws_every_model_from_the_same_noise(fake_data, tmp_path):
+    import ablations
+    import mnist_eval as me
+    root = tmp_path / "abl"
+    assert run_script(fake_data, root / "tiny_s0", "--steps", "2", *NO_EVAL)[0] == 0
+    referee = me.Referee().eval()
+    ckpt = str(root / "tiny_s0" / "ckpt.pt")
+    fd, counts = ablations.unconditional_fd(ckpt, referee, fake_data, n=40, steps=3)
+    assert sum(counts) == 40 and fd > 0                            # every digit drawn is given a class
+    assert ablations.unconditional_fd(ckpt, referee, fake_data, n=40, steps=3) == (fd, counts)  # same x_T, noise
+    (root / "tiny_s0" / "results.json").write_text("{}")           # finished, as ablations.run leaves a run
+    with pytest.raises(SystemExit, match="no finished run other_s0"):
+        ablations.main(["--uncond", "--data-dir", fake_data, "--root", str(root), "--runs", "tiny_s0", "other_s0"])
