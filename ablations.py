@@ -119,12 +119,16 @@ def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T):
     return cond, uncond
 
 
-def unconditional_fd(ckpt, referee, data_dir, n=500, steps=100):
+UNCOND_N, UNCOND_STEPS = 500, 100   # --uncond: digits per run, DDPM steps (the default run's sampler)
+
+
+def unconditional_fd(ckpt, referee, data_dir, n=UNCOND_N, steps=UNCOND_STEPS):
     """Draw n digits with no caption at all: the sampler (DDPM, `steps` of the 1,000) run on the
     caption-free context alone, BOS BOI x_t, the prediction that guidance subtracts (§2.2).
     Without a digit to follow, the image must come from the denoiser's reading of the image
     itself, which is what the mask of Table 5 changes. Returns (Frechet distance of the n
-    digits to the MNIST test set, by `referee`'s features; the referee's class counts)."""
+    digits to the MNIST test set, by `referee`'s features; the referee's class counts; the
+    digits (n, 1, 28, 28) in [0, 1])."""
     import torch
     import mnist_eval as me
     import train_mnist as tm
@@ -140,7 +144,7 @@ def unconditional_fd(ckpt, referee, data_dir, n=500, steps=100):
     digits = ((x + 1) / 2).clamp(0, 1)                                   # (n, 1, 28, 28) in [0, 1]
     fd = me.frechet_distance(me.batched(referee.features, digits),
                              me.batched(referee.features, u8.float().div(255).unsqueeze(1)))
-    return fd, torch.bincount(me.batched(referee, digits).argmax(1), minlength=10).tolist()
+    return fd, torch.bincount(me.batched(referee, digits).argmax(1), minlength=10).tolist(), digits
 
 
 def finished_runs(args):
@@ -166,7 +170,8 @@ def main(argv=None):
                    help="print each finished run's held-out noise-prediction loss at fixed t, "
                         "and how much lower the caption makes it")
     p.add_argument("--uncond", action="store_true",
-                   help="print the Frechet distance of 500 digits each finished run draws with no caption")
+                   help="print the Frechet distance of 500 digits each finished run draws with no caption "
+                                                      "(and save 40 of them: <run>/uncond.png)")
     p.add_argument("--runs", nargs="+", metavar="RUN", help="with --denoise-loss or --uncond: only these run "
                                                              "folders, e.g. linear4_s0 (default: every finished run)")
     args = p.parse_args(argv)
@@ -191,7 +196,10 @@ def main(argv=None):
         referee.eval()
         print("| run | Fréchet, no caption | referee's classes 0-9 |\n|---|---|---|")
         for name in names:
-            fd, counts = unconditional_fd(os.path.join(args.root, name, "ckpt.pt"), referee, args.data_dir)
+            fd, counts, digits = unconditional_fd(os.path.join(args.root, name, "ckpt.pt"), referee, args.data_dir,
+                                                  UNCOND_N, UNCOND_STEPS)
+            me.save_figure(me.grid_figure(digits[:40], 10, title=f"{name}: no caption, Fréchet {fd:.1f}"),
+                           os.path.join(args.root, name, "uncond.png"))   # the first 40 of the 500
             print(f"| {name} | {fd:.1f} | {' '.join(map(str, counts))} |", flush=True)
     for row in args.rows:
         for seed in args.seeds:

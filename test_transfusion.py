@@ -917,16 +917,25 @@ def test_every_ablation_row_is_a_valid_command_and_the_table_averages_seeds(tmp_
     assert line == ["| linear | 300 | 2 | 98.00 (97.00-99.00) | – | 20.5 (20.0-21.0) | – | – |"]
 
 
-def test_ablations_uncond_draws_every_model_from_the_same_noise(fake_data, tmp_path):
+def test_ablations_uncond_draws_every_model_from_the_same_noise(fake_data, tmp_path, monkeypatch, capsys):
     import ablations
     import mnist_eval as me
     root = tmp_path / "abl"
     assert run_script(fake_data, root / "tiny_s0", "--steps", "2", *NO_EVAL)[0] == 0
     referee = me.Referee().eval()
     ckpt = str(root / "tiny_s0" / "ckpt.pt")
-    fd, counts = ablations.unconditional_fd(ckpt, referee, fake_data, n=40, steps=3)
+    fd, counts, digits = ablations.unconditional_fd(ckpt, referee, fake_data, n=40, steps=3)
     assert sum(counts) == 40 and fd > 0                            # every digit drawn is given a class
-    assert ablations.unconditional_fd(ckpt, referee, fake_data, n=40, steps=3) == (fd, counts)  # same x_T, noise
+    assert digits.shape == (40, 1, 28, 28) and 0 <= digits.min() and digits.max() <= 1
+    fd2, counts2, digits2 = ablations.unconditional_fd(ckpt, referee, fake_data, n=40, steps=3)
+    assert (fd2, counts2) == (fd, counts) and torch.equal(digits2, digits)   # the same x_T and noise each call
     (root / "tiny_s0" / "results.json").write_text("{}")           # finished, as ablations.run leaves a run
+    torch.save(referee.state_dict(), root / "referee.pt")          # the sweep's one referee
+    argv = ["--uncond", "--data-dir", fake_data, "--root", str(root), "--runs", "tiny_s0"]
+    monkeypatch.setattr(ablations, "UNCOND_N", 40)
+    monkeypatch.setattr(ablations, "UNCOND_STEPS", 3)
+    ablations.main(argv)
+    assert f"| tiny_s0 | {fd:.1f} | {' '.join(map(str, counts))} |" in capsys.readouterr().out
+    assert (root / "tiny_s0" / "uncond.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no finished run other_s0"):
-        ablations.main(["--uncond", "--data-dir", fake_data, "--root", str(root), "--runs", "tiny_s0", "other_s0"])
+        ablations.main(argv + ["other_s0"])
