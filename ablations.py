@@ -119,7 +119,9 @@ def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T):
     return cond, uncond
 
 
-UNCOND_N, UNCOND_STEPS = 500, 100   # --uncond: digits per run, DDPM steps (the default run's sampler)
+# --uncond: digits per run and DDPM steps (the default run's sampler); main reads them at call
+# time, so a test can make them small
+UNCOND_N, UNCOND_STEPS = 500, 100
 
 
 def unconditional_fd(ckpt, referee, data_dir, n=UNCOND_N, steps=UNCOND_STEPS):
@@ -132,15 +134,16 @@ def unconditional_fd(ckpt, referee, data_dir, n=UNCOND_N, steps=UNCOND_STEPS):
     import torch
     import mnist_eval as me
     import train_mnist as tm
-    from transfusion import SAMPLERS, sampling_timesteps, unconditional_eps
+    from transfusion import ddpm_step, sampling_timesteps, unconditional_eps
     model = tm.load_checkpoint(ckpt)
     u8, _ = tm.load_digits(data_dir, train=False)
     gen = torch.Generator().manual_seed(0)                               # the same noise for every model
-    x = torch.randn(n, 1, 28, 28, generator=gen)                         # x_T
+    cfg = model.cfg
+    x = torch.randn(n, cfg.channels, cfg.image_size, cfg.image_size, generator=gen)   # x_T, (n, 1, 28, 28)
     with torch.no_grad():
         for t, t_prev in sampling_timesteps(model.cfg.T, steps):
             eps = torch.cat([unconditional_eps(model, x[i:i + 250], t) for i in range(0, n, 250)])
-            x = SAMPLERS["ddpm"](x, eps, t, t_prev, model.alpha_bar, torch.randn(x.shape, generator=gen))
+            x = ddpm_step(x, eps, t, t_prev, model.alpha_bar, torch.randn(x.shape, generator=gen))  # x_{t_prev}
     digits = ((x + 1) / 2).clamp(0, 1)                                   # (n, 1, 28, 28) in [0, 1]
     fd = me.frechet_distance(me.batched(referee.features, digits),
                              me.batched(referee.features, u8.float().div(255).unsqueeze(1)))
@@ -171,7 +174,7 @@ def main(argv=None):
                         "and how much lower the caption makes it")
     p.add_argument("--uncond", action="store_true",
                    help="print the Frechet distance of 500 digits each finished run draws with no caption "
-                                                      "(and save 40 of them: <run>/uncond.png)")
+                        "(and save 40 of them: <run>/uncond.png)")
     p.add_argument("--runs", nargs="+", metavar="RUN", help="with --denoise-loss or --uncond: only these run "
                                                              "folders, e.g. linear4_s0 (default: every finished run)")
     args = p.parse_args(argv)
