@@ -3,6 +3,7 @@ How close training and sampling run to this machine's limit (like nanoGPT's MFU)
 
     python bench.py                  # CPU
     python bench.py --device cuda    # GPU (bf16 autocast in training, as train_mnist.py)
+    python bench.py --device cuda --compile default   # training step under torch.compile
 
 Prints one table; every figure is a median of several timed runs after warm-up,
 in one process per row group (so each peak-memory figure is its own):
@@ -108,11 +109,16 @@ def make_args(encoder, device):
     return args
 
 
-def bench_train(encoder, device, repeats):
+def bench_train(encoder, device, repeats, compile_mode=None):
     args = make_args(encoder, device.type)
     cfg = tm.model_config(args)
     torch.manual_seed(0)
     model = Transfusion(cfg).to(device)
+    if compile_mode:
+        # the model's forward pass compiled (mask, blocks, patches); the Python around it, which
+        # builds the batch, stays eager. Shapes change every step (numbers of 1-4 digits, packed
+        # rows), hence dynamic=True; "reduce-overhead" adds CUDA graphs, recorded per shape.
+        model.compile(mode=compile_mode, dynamic=True)
     ema = copy.deepcopy(model)
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     opt = tm.configure_optimizer(model, args.lr)
@@ -126,17 +132,20 @@ def bench_train(encoder, device, repeats):
         seqs = tm.make_sequences(images[idx], labels[idx], gen)
         tm.train_step(model, opt, ema_params, model_params, seqs, gen, args.ema, bf16)
 
-    sec = median_time(step, device, warmup=3, repeats=repeats)
+    sec = median_time(step, device, warmup=20 if compile_mode else 3, repeats=repeats)  # compiling is warm-up
     # the FLOPs of an average step: real positions of 20 steps' worth of numbers
     lens = [sum(cfg.n_patches + 2 if s.is_floating_point() else s.numel() for s in seq)
             for _ in range(20) for seq in tm.make_sequences(images[:args.batch_size], labels[:args.batch_size], gen)]
     flops = train_flops_per_step(cfg, lens, 20 * args.batch_size) / 20
-    with FlopCounterMode(display=False) as counter:                    # cross-check (counts padding too)
-        idx = torch.randint(0, 4096, (args.batch_size,), generator=gen)
-        model.loss(tm.make_sequences(images[idx], labels[idx], gen), generator=gen)[0].backward()
-    model.zero_grad(set_to_none=True)
+    counted = float("nan")
+    if not compile_mode:
+        with FlopCounterMode(display=False) as counter:                # cross-check (counts padding too)
+            idx = torch.randint(0, 4096, (args.batch_size,), generator=gen)
+            model.loss(tm.make_sequences(images[idx], labels[idx], gen), generator=gen)[0].backward()
+        model.zero_grad(set_to_none=True)
+        counted = counter.get_total_flops()
     return dict(ms_per_step=1000 * sec, tokens_per_s=sum(lens) / 20 / sec,
-                gflop_per_step=flops / 1e9, counted_gflop=counter.get_total_flops() / 1e9,
+                gflop_per_step=flops / 1e9, counted_gflop=counted / 1e9,
                 model_gflops=flops / sec / 1e9, params_m=model.num_params() / 1e6,
                 batch=args.batch_size, seq_len=round(sum(lens) / len(lens)))
 
@@ -198,12 +207,14 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="a trained model for the sampling rows, if present")
+    p.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="time the training step with the model compiled in this torch.compile mode")
     p.add_argument("--part", help=argparse.SUPPRESS)   # internal: run one part in this process
     args = p.parse_args()
     device = torch.device(args.device)
     if args.part:
         what, encoder = args.part.split(":")
-        res = bench_train(encoder, device, args.repeats) if what == "train" else \
+        res = bench_train(encoder, device, args.repeats, args.compile) if what == "train" else \
             bench_sample(encoder, device, max(1, args.repeats // 2), args.ckpt)
         res["peak_mb"] = peak_memory_mb(device)
         print(json.dumps(res))
@@ -219,7 +230,7 @@ def main():
     for enc in encoders:
         for what in ("train", "sample"):
             cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats),
-                   "--ckpt", args.ckpt, "--part", f"{what}:{enc}"]
+                   "--ckpt", args.ckpt, "--part", f"{what}:{enc}"] + (["--compile", args.compile] if args.compile else [])
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode != 0:
                 sys.exit(f"bench part {what}:{enc} failed:\n{run.stderr}")
