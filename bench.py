@@ -114,12 +114,12 @@ def bench_train(encoder, device, repeats, compile_mode=None):
     cfg = tm.model_config(args)
     torch.manual_seed(0)
     model = Transfusion(cfg).to(device)
+    ema = copy.deepcopy(model)                  # before compiling: the EMA copy stays a plain module
     if compile_mode:
         # the model's forward pass compiled (mask, blocks, patches); the Python around it, which
         # builds the batch, stays eager. Shapes change every step (numbers of 1-4 digits, packed
         # rows), hence dynamic=True; "reduce-overhead" adds CUDA graphs, recorded per shape.
         model.compile(mode=compile_mode, dynamic=True)
-    ema = copy.deepcopy(model)
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     opt = tm.configure_optimizer(model, args.lr)
     gen = torch.Generator().manual_seed(0)
@@ -137,7 +137,7 @@ def bench_train(encoder, device, repeats, compile_mode=None):
     lens = [sum(cfg.n_patches + 2 if s.is_floating_point() else s.numel() for s in seq)
             for _ in range(20) for seq in tm.make_sequences(images[:args.batch_size], labels[:args.batch_size], gen)]
     flops = train_flops_per_step(cfg, lens, 20 * args.batch_size) / 20
-    counted = float("nan")
+    counted = None                                                     # not counted through a compiled model
     if not compile_mode:
         with FlopCounterMode(display=False) as counter:                # cross-check (counts padding too)
             idx = torch.randint(0, 4096, (args.batch_size,), generator=gen)
@@ -145,7 +145,7 @@ def bench_train(encoder, device, repeats, compile_mode=None):
         model.zero_grad(set_to_none=True)
         counted = counter.get_total_flops()
     return dict(ms_per_step=1000 * sec, tokens_per_s=sum(lens) / 20 / sec,
-                gflop_per_step=flops / 1e9, counted_gflop=counted / 1e9,
+                gflop_per_step=flops / 1e9, counted_gflop=None if counted is None else counted / 1e9,
                 model_gflops=flops / sec / 1e9, params_m=model.num_params() / 1e6,
                 batch=args.batch_size, seq_len=round(sum(lens) / len(lens)))
 
@@ -192,6 +192,11 @@ def bench_sample(encoder, device, repeats, ckpt):
                 sampler=f"{args.sampler} {args.sample_steps} steps, CFG {args.cfg_scale}", model=source)
 
 
+def counted_cell(train_res):
+    c = train_res["counted_gflop"]
+    return "–" if c is None else f"{c:.2f}"
+
+
 def pct(x):
     return f"{x:.0%}" if x >= 0.1 else f"{x:.2%}"   # a GPU running this tiny model shows a fraction of 1%
 
@@ -236,6 +241,8 @@ def main():
                 sys.exit(f"bench part {what}:{enc} failed:\n{run.stderr}")
             res[what, enc] = json.loads(run.stdout.strip().splitlines()[-1])
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if args.compile:
+        name += f"; training rows with torch.compile(mode={args.compile!r}), sampling eager"
     print(f"\ndevice: {name}; torch {torch.__version__}")
     rows = [(f"{prec} matmul peak (4096x4096)", lambda e: f"{peak:.0f} GFLOP/s")]
     rows += [
@@ -244,7 +251,7 @@ def main():
                                                        f"({res['train', e]['batch']}, {res['train', e]['seq_len']})"),
         ("train: tokens/s", lambda e: f"{res['train', e]['tokens_per_s']:.0f}"),
         ("train: model GFLOP/step (formula; torch's count)", lambda e: f"{res['train', e]['gflop_per_step']:.2f} "
-                                                                       f"({res['train', e]['counted_gflop']:.2f})"),
+                                                                       f"({counted_cell(res['train', e])})"),
         ("train: model GFLOP/s", lambda e: f"{res['train', e]['model_gflops']:.0f}"),
         ("train: MFU (model FLOP/s / peak)", lambda e: pct(res['train', e]['model_gflops'] / peak)),
     ]
