@@ -141,7 +141,7 @@ def unconditional_fd(ckpt, referee, data_dir, n=UNCOND_N, steps=UNCOND_STEPS):
     cfg = model.cfg
     x = torch.randn(n, cfg.channels, cfg.image_size, cfg.image_size, generator=gen)   # x_T, (n, 1, 28, 28)
     with torch.no_grad():
-        for t, t_prev in sampling_timesteps(model.cfg.T, steps):
+        for t, t_prev in sampling_timesteps(cfg.T, steps):
             eps = torch.cat([unconditional_eps(model, x[i:i + 250], t) for i in range(0, n, 250)])
             x = ddpm_step(x, eps, t, t_prev, model.alpha_bar, torch.randn(x.shape, generator=gen))  # x_{t_prev}
     digits = ((x + 1) / 2).clamp(0, 1)                                   # (n, 1, 28, 28) in [0, 1]
