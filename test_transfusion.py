@@ -620,6 +620,8 @@ def test_training_sequences_follow_the_paper_mix():
     assert sum(sizes) == 4000 and set(sizes) == {1, 2, 3, 4}   # every digit once, numbers of 1-4 digits
     assert all(0.2 < sizes.count(k) / len(sizes) < 0.3 for k in (1, 2, 3, 4))
     assert all(s[0][0] == tm.BOS and s[-1][-1] == tm.EOS for s in seqs)
+    more_reading = tm.make_sequences(imgs, labels, g, p_caption_first=0.6)   # --caption-first 0.6
+    assert 0.57 < sum(s[0].numel() > 1 for s in more_reading) / len(more_reading) < 0.63
 
 
 def stream(seq):
@@ -809,6 +811,19 @@ def test_resume_refuses_other_settings_and_a_new_run_never_overwrites(fake_data,
     assert rc == 1 and "finished" in capsys.readouterr().err
 
 
+def test_resume_of_a_run_saved_before_a_flag_existed_takes_that_flags_default(fake_data, tmp_path):
+    import train_mnist as tm
+    log, _ = ctrl_c_at(2)
+    run_script(fake_data, tmp_path, "--steps", "4", *NO_EVAL, log=log)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    del ckpt["run"]["caption_first"]                      # as written before --caption-first existed
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    args = tm.resume_args(tm.parse_args(["--resume"]), ckpt)
+    assert args.caption_first == 0.8 and args.steps == 4
+    with pytest.raises(SystemExit):                       # and a differing value is still refused
+        tm.resume_args(tm.parse_args(["--resume", "--caption-first", "0.6"]), ckpt)
+
+
 def test_a_file_that_is_not_our_checkpoint_is_one_line_of_error(tmp_path, capsys):
     import train_mnist as tm
     (tmp_path / "bytes").write_bytes(os.urandom(256))
@@ -834,6 +849,7 @@ def test_a_file_that_is_not_our_checkpoint_is_one_line_of_error(tmp_path, capsys
     (["--steps", "0"], "--steps"),
     (["--d-model", "30"], "--d-model"),
     (["--draw", "20x6"], "--draw"),
+    (["--caption-first", "1.2"], "--caption-first"),
 ] + ([(["--device", "cuda"], "no CUDA GPU")] if not torch.cuda.is_available() else []))
 def test_bad_command_line_values_are_one_argparse_line(flags, message, capsys):
     import train_mnist as tm

@@ -91,7 +91,8 @@ def number_sequence(images, digits, caption_first: bool, layout: str = "paired")
 def make_sequences(images, labels, gen, max_digits: int = 4, p_caption_first: float = 0.8,
                    layout: str = "paired"):
     """Digits (n, 1, 28, 28) in [-1, 1] and labels (n,) -> numbers of k = 1..max_digits digits
-    (k uniform), every digit used once. Caption first 80% of the time (§4.1 "Data")."""
+    (k uniform), every digit used once. Caption first with probability p_caption_first (§4.1
+    "Data": 80% of the time)."""
     seqs, i, n = [], 0, len(labels)
     while i < n:
         k = min(int(torch.randint(1, max_digits + 1, (), generator=gen)), n - i)
@@ -191,7 +192,7 @@ def train_step(model, opt, ema_params, model_params, seqs, gen, ema_decay: float
 # ---------------------------------------------------------------------------
 
 # the flags that define a run: a resumed run takes them from its checkpoint
-RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "layout", "lr", "warmup", "ema",
+RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup", "ema",
                            "fp32", "dataset", "clean_t")
 # 3: the whole training state, SEP in the vocabulary, numbers. 2: one-group U-Net norms.
 CKPT_FORMAT = 3
@@ -322,7 +323,7 @@ def train(args, state=None, log=print):
                 state["order"], state["cursor"] = torch.randperm(len(labels), generator=gen), 0
             idx = state["order"][state["cursor"]:state["cursor"] + args.batch_size]
             state["cursor"] += args.batch_size
-            seqs = make_sequences(images[idx], labels[idx], gen, args.max_digits, layout=args.layout)
+            seqs = make_sequences(images[idx], labels[idx], gen, args.max_digits, args.caption_first, args.layout)
             lm, ddpm = train_step(model, opt, ema_params, model_params, seqs, gen,
                                   ema_decay(step, args.ema), bf16)
             pending.append((step, lm, ddpm))
@@ -503,6 +504,8 @@ def build_parser():
     # data
     a("--batch-size", type=int, default=64, help="digits per step (in numbers of 1..--max-digits digits)")
     a("--max-digits", type=int, default=4, help="longest number in training")
+    a("--caption-first", type=float, default=0.8,
+      help="share of numbers written before their images (§4.1: 80%%); the rest are read, images first")
     a("--layout", choices=LAYOUTS, default="paired",
       help="paired: each image after its own digit; grouped: the number, then its images")
     # model (TransfusionConfig)
@@ -561,6 +564,8 @@ def check_args(p, args):
             p.error(f"--{k.replace('_', '-')} must be positive, not {getattr(args, k)}")
     if args.minutes is not None and not args.minutes > 0:
         p.error(f"--minutes must be positive, not {args.minutes}")
+    if not 0 <= args.caption_first <= 1:
+        p.error(f"--caption-first must be in [0, 1], not {args.caption_first}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1), not {args.ema}")
     if args.lam < 0 or args.cfg_scale < 0:
@@ -612,13 +617,14 @@ def parse_args(argv=None):
 
 def resume_args(args, ckpt):
     """The run's settings from its checkpoint; a differing flag on the command line is an error."""
+    run = {k: ckpt["run"].get(k, args.parser.get_default(k)) for k in RUN_FLAGS}  # older runs lack newer flags
     for k in RUN_FLAGS:
-        if k in args.given and getattr(args, k) != ckpt["run"][k]:
+        if k in args.given and getattr(args, k) != run[k]:
             args.parser.error(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the run being resumed "
-                              f"({ckpt['run'][k]}): a resumed run keeps its settings (or start a new one with "
+                              f"({run[k]}): a resumed run keeps its settings (or start a new one with "
                               f"another --out)")
     for k in RUN_FLAGS:
-        setattr(args, k, ckpt["run"][k])
+        setattr(args, k, run[k])
     return args
 
 
