@@ -192,8 +192,8 @@ def train_step(model, opt, ema_params, model_params, seqs, gen, ema_decay: float
 # ---------------------------------------------------------------------------
 
 # the flags that define a run: a resumed run takes them from its checkpoint
-RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup", "ema",
-                           "fp32", "dataset", "clean_t")
+RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup",
+                           "ema", "fp32", "dataset", "clean_t")
 # 3: the whole training state, SEP in the vocabulary, numbers. 2: one-group U-Net norms.
 CKPT_FORMAT = 3
 
@@ -505,7 +505,7 @@ def build_parser():
     a("--batch-size", type=int, default=64, help="digits per step (in numbers of 1..--max-digits digits)")
     a("--max-digits", type=int, default=4, help="longest number in training")
     a("--caption-first", type=float, default=0.8,
-      help="share of numbers written before their images (§4.1: 80%%); the rest are read, images first")
+      help="share of numbers written before their images (§4.1, §4.3.4: 80%%); the rest are read, images first")
     a("--layout", choices=LAYOUTS, default="paired",
       help="paired: each image after its own digit; grouped: the number, then its images")
     # model (TransfusionConfig)
