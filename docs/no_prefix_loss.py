@@ -20,14 +20,16 @@ paper_objective = transfusion.objective
 
 
 def objective(cfg, batch, logits, eps_hat, eps):
-    # count SEPs and patches so far in each sequence of a packed row: 0 = still in the prefix
-    flag = ((batch.tokens == train_mnist.SEP) | (batch.img_id >= 0)).long()
-    seen = flag.cumsum(1)
-    starts = torch.ones_like(batch.seq, dtype=torch.bool)
+    # how many SEPs and patches each position's sequence has shown so far; 0 = still in the number
+    flag = ((batch.tokens == train_mnist.SEP) | (batch.img_id >= 0)).long()   # (B, S)
+    seen_in_row = flag.cumsum(1)                                               # (B, S)
+    starts = torch.ones_like(batch.seq, dtype=torch.bool)                      # (B, S) first position of a sequence
     starts[:, 1:] = batch.seq[:, 1:] != batch.seq[:, :-1]
-    seen = seen - torch.where(starts, seen - flag, torch.zeros_like(seen)).cummax(1).values
-    target = batch.tokens[:, 1:]
-    drop = (seen[:, :-1] == 0) & ((target < 10) | (target == train_mnist.SEP))
+    # a packed row holds several sequences: subtract the count seen before each one began
+    before = torch.where(starts, seen_in_row - flag, torch.zeros_like(flag)).cummax(1).values
+    seen = seen_in_row - before                                                # (B, S)
+    target = batch.tokens[:, 1:]                                               # (B, S-1)
+    drop = (seen[:, :-1] == 0) & ((target < 10) | (target == train_mnist.SEP))  # (B, S-1)
     # mark those inputs as BOI, so that the paper's rule "no LM loss where the input is BOI"
     # (footnote 8) drops them; each is BOS or a dropped digit, so no kept target changes
     tokens = batch.tokens.clone()
