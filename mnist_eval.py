@@ -4,14 +4,15 @@ How well a Transfusion trained by train_mnist.py writes, draws and reads, and it
 A small CNN referee (trained on the MNIST training set) judges the images the model draws;
 its penultimate features give a Frechet distance (FID's formula, the referee in place of
 Inception). The metrics, all printed by `python train_mnist.py` at the end of training:
-- caption accuracy: each MNIST test digit is the prompt BOS <image> ; and the model writes
-  its label (greedy, §4.1);
+- caption accuracy: each MNIST test digit read as a one-digit number, BOS <image> and the
+  model writes its label, then ; and the model writes the number (greedy, §4.1);
 - label->image: 100 digits per label from BOS "d" ; judged by the referee, and their
   Frechet distance to the 10,000 test digits;
 - number -> images: random 4-digit numbers, prompt BOS 2 0 2 6 ; : exactly right when the
   model drew exactly four images, stopped (EOS), and the referee reads each as its digit;
-- images -> number: four MNIST *test* digits, prompt BOS <img> x4 ; : exactly right when the
-  model writes the four digits.
+- images -> number: four MNIST *test* digits, given one at a time as the training data has
+  them (BOS <img> 2 <img> 0 ... ;, the model writing each digit after its image): exactly
+  right when the model then writes the four digits after ;.
 
 Pictures are matplotlib Figures built without pyplot or a global backend, returned to the
 caller (a notebook shows them inline) and saved by `save_figure`.
@@ -180,11 +181,11 @@ def evaluate(model, args, log=print):
         g = torch.Generator().manual_seed(2)
         idx = torch.randint(0, len(test_y), (args.eval_reading, 4), generator=g)
         truth = ["".join(map(str, row)) for row in test_y[idx].tolist()]
-        read = tm.read_numbers(model, list(test_x[idx]))                 # each (4, 1, 28, 28)
+        read, seqs = zip(*tm.read_numbers(model, list(test_x[idx]), with_sequences=True))  # each (4, 1, 28, 28)
         m["read_exact"] = sum(r == t for r, t in zip(read, truth)) / len(truth)
         m["read_digit"] = sum(j < len(r) and r[j] == c for r, t in zip(read, truth)
                               for j, c in enumerate(t)) / (4 * len(truth))
-        m["reading"] = [(test_x[i], t, r) for i, t, r in zip(idx[:8], truth[:8], read[:8])]
+        m["reading"] = [(seq, t, r) for seq, t, r in zip(seqs[:8], truth[:8], read[:8])]
         log(f"images->number: {m['read_exact']:.2%} of {len(truth)} handwritten 4-digit test numbers read "
             f"exactly right ({m['read_digit']:.2%} of digits) ({time.time() - t0:.0f} s)")
     return m
@@ -328,10 +329,10 @@ def pictures(model, m, hist, out, names=None, log=print):
         save(sequences_figure([sequence_items(seq, names) for _, (_, seq) in m["drawn"][:8]],
                               title="4-digit numbers drawn: the whole generated sequence"), "numbers.png")
     if "reading" in m:
-        rows = [list(imgs) + [f"; {read}"] for imgs, _, read in m["reading"]]
+        rows = [sequence_items(seq, names) for seq, _, _ in m["reading"]]
         titles = [f"true {t}, read {r} {'(right)' if t == r else '(WRONG)'}" for _, t, r in m["reading"]]
-        save(sequences_figure(rows, titles, title="handwritten test numbers and what the model wrote after ;"),
-             "reading.png")
+        save(sequences_figure(rows, titles, title="handwritten test numbers read: the whole sequence, "
+                                                  "the model's text between the given images"), "reading.png")
     free = model.generate([[torch.tensor([tm.BOS])] for _ in range(12)], max_new_tokens=16, temperature=1.0,
                           generator=torch.Generator().manual_seed(3), **tm._sampling(model, None, None, None))
     save(sequences_figure([sequence_items(s, names) for s in free],

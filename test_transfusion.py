@@ -311,11 +311,14 @@ def test_total_loss_is_lm_plus_lambda_ddpm():
 
 
 def test_images_before_their_caption_are_capped_at_t_500():
+    """§4.3.4: every image of a sequence that opens with an image, the later ones too (each is
+    followed by its caption); no image of a sequence that opens with text."""
     model = tiny_model()
-    seqs = [[text(BOS), image(0), text(3, EOS)],                   # image first
-            [text(BOS, 3), image(1), text(EOS)],                   # caption first
-            [text(BOS), image(2), text(4), image(3), text(EOS)]]   # first capped, second not
-    assert max_timesteps(model.cfg, seqs) == [500, 1000, 500, 1000]
+    seqs = [[text(BOS), image(0), text(3, EOS)],                           # image first
+            [text(BOS, 3), image(1), text(EOS)],                           # caption first
+            [text(BOS), image(2), text(4), image(3), text(5, EOS)],        # image first: both capped
+            [text(BOS, 4, 5, 4), image(4), text(5), image(5), text(EOS)]]  # caption first: neither
+    assert max_timesteps(model.cfg, seqs) == [500, 1000, 500, 500, 1000, 1000]
 
 
 def test_a_dropped_caption_does_not_cap_the_noise(monkeypatch):
@@ -639,30 +642,62 @@ def test_number_layouts_and_noise_caps(k):
     digits = torch.tensor([2, 0, 2, 6][:k])
     imgs = torch.zeros(k, 1, 28, 28)
     num = " ".join(map(str, digits.tolist()))
-    draw = tm.number_sequence(imgs, digits, caption_first=True, layout="paired")
-    grouped = tm.number_sequence(imgs, digits, caption_first=True, layout="grouped")
-    read = tm.number_sequence(imgs, digits, caption_first=False)
-    pairs = " ".join(f"{d} img" for d in digits.tolist())
-    assert stream(draw) == f"<bos> {num} ; {pairs} <eos>"
-    assert stream(grouped) == f"<bos> {num} ; " + " ".join(["img"] * k) + " <eos>"
-    assert stream(read) == "<bos> " + " ".join(["img"] * k) + f" ; {num} <eos>"
+    seqs = {(layout, first): tm.number_sequence(imgs, digits, caption_first=first, layout=layout)
+            for layout in tm.LAYOUTS for first in (True, False)}
+    draw_pairs = " ".join(f"{d} img" for d in digits.tolist())
+    read_pairs = " ".join(f"img {d}" for d in digits.tolist())
+    imgs_only = " ".join(["img"] * k)
+    assert stream(seqs["paired", True]) == f"<bos> {num} ; {draw_pairs} <eos>"
+    assert stream(seqs["paired", False]) == f"<bos> {read_pairs} ; {num} <eos>"
+    assert stream(seqs["read-grouped", True]) == f"<bos> {num} ; {draw_pairs} <eos>"
+    assert stream(seqs["read-grouped", False]) == f"<bos> {imgs_only} ; {num} <eos>"
+    assert stream(seqs["grouped", True]) == f"<bos> {num} ; {imgs_only} <eos>"
+    assert stream(seqs["grouped", False]) == f"<bos> {imgs_only} ; {num} <eos>"
     model = Transfusion(tm.mnist_config(d_model=32, n_heads=2, n_layers=1, ffn_hidden=64, unet_channels=4))
-    model.check_batch([draw, grouped, read])           # all fit max_seq_len
+    model.check_batch(list(seqs.values()))             # all fit max_seq_len
     # §4.3.4: images before their caption (all of an image-first number) are capped at t <= 500
     from transfusion import max_timesteps
-    assert max_timesteps(model.cfg, [draw]) == [1000] * k and max_timesteps(model.cfg, [grouped]) == [1000] * k
-    assert max_timesteps(model.cfg, [read]) == [500] * k
+    for (layout, first), seq in seqs.items():
+        assert max_timesteps(model.cfg, [seq]) == [1000 if first else 500] * k, layout
 
 
-def test_prompts_end_where_the_training_sequence_switches_mode():
-    # the draw prompt "BOS 2 0 ;" is the training sequence up to where the model takes over
-    # (it writes "2" and opens the first image); the read prompt "BOS img img ;" likewise
+class Oracle:
+    """A perfect reader for read_numbers: it continues each prompt as the training sequence
+    `truth` does (a stream of token names), and checks that the prompt is a prefix of it."""
+
+    def __init__(self, truth, layout):
+        self.truth, self.sample_defaults, self.prompts = truth.split(), {"layout": layout}, []
+
+    def parameters(self):
+        return iter([torch.zeros(1)])
+
+    def generate(self, prompts, max_new_tokens, **kw):
+        import train_mnist as tm
+        out = []
+        for p in prompts:
+            seen = stream(p).split()
+            assert self.truth[:len(seen)] == seen, "a prompt that is not the start of a training sequence"
+            self.prompts.append(" ".join(seen))
+            new = torch.tensor([tm.VOCAB.index(t) for t in self.truth[len(seen):len(seen) + max_new_tokens]])
+            # as generate returns it: text written after text extends that segment
+            out.append(list(p[:-1]) + [torch.cat([p[-1], new])] if not p[-1].is_floating_point() else list(p) + [new])
+        return out
+
+
+@pytest.mark.parametrize("layout", ["paired", "read-grouped"])
+def test_prompts_end_where_the_training_sequence_switches_mode(layout):
+    # drawing: the prompt "BOS 2 0 ;" is the training sequence up to where the model takes over
+    # (it writes "2" and opens the first image). Reading: every prompt read_number gives the
+    # model is the training sequence up to a token the model writes: in the paired layout each
+    # image's digit, then, after ";", the number
     import train_mnist as tm
-    imgs, digits = torch.zeros(2, 1, 28, 28), torch.tensor([2, 0])
-    draw = stream(tm.number_sequence(imgs, digits, caption_first=True))
-    read = stream(tm.number_sequence(imgs, digits, caption_first=False))
-    assert draw.startswith("<bos> 2 0 ; ") and read.startswith("<bos> img img ; ")
-    assert draw.count(";") == read.count(";") == 1      # one boundary per sequence
+    imgs, digits = torch.rand(2, 1, 28, 28), torch.tensor([2, 0])
+    draw = stream(tm.number_sequence(imgs, digits, caption_first=True, layout=layout))
+    assert draw.startswith("<bos> 2 0 ; 2 img") and draw.count(";") == 1
+    oracle = Oracle(stream(tm.number_sequence(imgs, digits, caption_first=False, layout=layout)), layout)
+    assert tm.read_number(oracle, imgs) == "20"
+    assert oracle.prompts == (["<bos> img", "<bos> img 2 img", "<bos> img 2 img 0 ;"] if layout == "paired"
+                              else ["<bos> img img ;"])
 
 
 def number_model_vocab(**kw):
@@ -704,6 +739,18 @@ def test_read_number_returns_the_caption_of_its_training_images(trained_numbers)
     as_01 = {n: (x + 1) / 2 for n, x in imgs.items()}  # read_number takes images in [0, 1]
     assert tm.read_number(model, as_01["35"]) == "35"
     assert tm.read_number(model, as_01["7"]) == "7"
+
+
+def test_a_reader_that_opens_images_of_its_own_keeps_only_the_given_ones():
+    """Where a digit belongs the model may open an image instead: read_numbers drops what it
+    drew (the next image is the reader's), so the sequence holds the given images and fits."""
+    import train_mnist as tm
+    model = number_model_vocab()
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + 100 * torch.nn.functional.one_hot(torch.tensor(BOI), out.shape[-1]))
+    (read, seq), = tm.read_numbers(model, [torch.rand(4, 1, 4, 4)], with_sequences=True)
+    sep = next(i for i, s in enumerate(seq) if not s.is_floating_point() and tm.SEP in s.tolist())
+    assert sum(s.is_floating_point() for s in seq[:sep]) == 4   # the four given images, none of its own
+    assert read == ""                                            # and it wrote no digit
 
 
 def test_kv_cache_and_recomputation_agree_on_a_multi_image_prompt():

@@ -7,12 +7,14 @@ reads a handwritten number back, and does both on its own, on a laptop CPU.
     python train_mnist.py --out out --draw 2026       # draw a number with a trained model
 
 Training sequences are MNIST numbers of k = 1..4 digits (transfusion.py's segment format):
-    caption first (80%, §4.1 "Data"):  BOS 2 0 ; 2 <img> 0 <img> EOS
-    image first   (20%, t <= 500, §4.3.4):  BOS <img> <img> ; 2 0 EOS
-";" (SEP) closes a block: "the number is complete, draw now" or "these are all the images,
-write now". When drawing, the model writes each digit again just before its image, so every
-image is conditioned on the token right before its BOI, and copying the k-th digit is a
-text task that the LM loss teaches sharply (docs/numbers.md compares the layout without it).
+    caption first (80%, §4.1 "Data"):       BOS 2 0 ; 2 <img> 0 <img> EOS
+    image first   (20%, t <= 500, §4.3.4):  BOS <img> 2 <img> 0 ; 2 0 EOS
+Each image sits beside its own digit: just before it when drawing (the digit is the image's
+caption), just after it when reading (the image's caption follows it). ";" (SEP) closes the
+number block: "the number is complete, draw now", or "these are all the images, write the
+number now". So drawing the k-th image and reading the k-th digit are both about the
+neighbouring token, and finding the k-th digit of a number is a copy task that the LM loss
+teaches sharply (docs/numbers.md compares layouts without the pairs).
 
 Outputs in --out: ckpt.pt (the whole training state: resumable), the pictures, the metrics.
 
@@ -39,7 +41,10 @@ FASHION = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 
 # how a trained model samples unless told otherwise (README "Results": DDPM, 100 of 1000 steps)
 SAMPLING = dict(steps=100, cfg_scale=1.75, sampler="ddpm")
-LAYOUTS = ("paired", "grouped")
+# paired: each image beside its digit, both ways (above). read-grouped: reading as
+# BOS <img> <img> ; 2 0 EOS instead (the default before; docs/numbers.md). grouped: drawing
+# as BOS 2 0 ; <img> <img> EOS too.
+LAYOUTS = ("paired", "read-grouped", "grouped")
 
 
 # ---------------------------------------------------------------------------
@@ -77,7 +82,12 @@ def number_sequence(images, digits, caption_first: bool, layout: str = "paired")
     """One training sequence for a number: its images (k, 1, 28, 28) and digits (k,).
     Neighbouring text is one segment: [BOS, 2, 0, SEP, 2], <img>, [0], <img>, [EOS]."""
     digits = digits.tolist()
-    if not caption_first:   # read: the images, then the number (a caption, §4.3.4)
+    if not caption_first and layout == "paired":  # read: each image, then its digit; then the number
+        seq = [torch.tensor([BOS])]
+        for d, img in zip(digits, images):
+            seq += [img, torch.tensor([d])]
+        return seq[:-1] + [torch.tensor([digits[-1], SEP, *digits, EOS])]
+    if not caption_first:   # read, grouped: the images, then the number
         return [torch.tensor([BOS]), *images, torch.tensor([SEP, *digits, EOS])]
     if layout == "grouped":  # draw: the number, then its images
         return [torch.tensor([BOS, *digits, SEP]), *images, torch.tensor([EOS])]
@@ -194,8 +204,9 @@ def train_step(model, opt, ema_params, model_params, seqs, gen, ema_decay: float
 # the flags that define a run: a resumed run takes them from its checkpoint
 RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup",
                            "ema", "fp32", "dataset", "clean_t")
-# 3: the whole training state, SEP in the vocabulary, numbers. 2: one-group U-Net norms.
-CKPT_FORMAT = 3
+# 4: the paired read layout (a format-3 "paired" run read grouped). 3: the whole training
+# state, SEP in the vocabulary, numbers. 2: one-group U-Net norms.
+CKPT_FORMAT = 4
 
 
 class StopOnCtrlC:
@@ -267,7 +278,8 @@ def restore_state(ckpt, args, device):
 
 
 def sample_defaults(args):
-    return dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
+    """How the trained model is sampled, and the layout that says how to prompt it."""
+    return dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler, layout=args.layout)
 
 
 def train(args, state=None, log=print):
@@ -425,17 +437,38 @@ def draw_number(model, number: str, **kw):
     return draw_numbers(model, [number], **kw)[0][0]
 
 
+def layout_of(model) -> str:
+    """The layout a model was trained on (its checkpoint's --layout), which says how to prompt it."""
+    return getattr(model, "sample_defaults", {}).get("layout", "paired")
+
+
 @torch.no_grad()
-def read_numbers(model, numbers, *, batch_size=500):
-    """Read handwritten numbers: each a tensor (k, 1, 28, 28) in [0, 1]. The prompt is
-    BOS <img> ... <img> ; and the model writes the number (greedy, §4.1) and EOS.
-    Returns strings of the digits written before EOS ("" if none; "?" marks a non-digit)."""
+def read_numbers(model, numbers, *, batch_size=500, with_sequences=False):
+    """Read handwritten numbers: each a tensor (k, 1, 28, 28) in [0, 1]. The images come as
+    the training data has them, then SEP ("these are all the images, write the number now"),
+    and the model writes the number (greedy, §4.1) and EOS:
+        paired layout: BOS <img> -> the model writes its digit, "2"; then the next image,
+            and the model writes "0"; ...; then SEP. Each call of generate continues the
+            sequence so far: the model reads each image as it comes, beside it.
+        grouped layouts: BOS <img> ... <img> SEP, in one call.
+    Returns strings of the digits written after SEP, up to EOS ("" if none; "?" marks a
+    non-digit); with_sequences: (string, the whole sequence) pairs, for pictures."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(numbers), batch_size):
         chunk = numbers[i:i + batch_size]
-        prompts = [[torch.tensor([BOS])] + [_as_model_image(x, device) for x in imgs] + [torch.tensor([SEP])]
-                   for imgs in chunk]
+        if layout_of(model) == "paired":
+            seqs = [[torch.tensor([BOS])] for _ in chunk]
+            for j in range(max(len(x) for x in chunk)):
+                rows = [r for r, imgs in enumerate(chunk) if j < len(imgs)]
+                prompts = [seqs[r] + [_as_model_image(chunk[r][j], device)] for r in rows]
+                for r, p, seq in zip(rows, prompts, model.generate(prompts, max_new_tokens=1, steps=1)):
+                    # one token: its digit, we hope. Had it opened an image instead, the image it
+                    # drew is dropped: the next image is the reader's, not the model's
+                    seqs[r] = p + [s for s in seq[len(p):] if not s.is_floating_point()]
+        else:
+            seqs = [[torch.tensor([BOS])] + [_as_model_image(x, device) for x in imgs] for imgs in chunk]
+        prompts = [s + [torch.tensor([SEP])] for s in seqs]
         seqs = model.generate(prompts, max_new_tokens=max(len(x) for x in chunk) + 1, steps=1)
         for p, seq in zip(prompts, seqs):
             written = seq[len(p) - 1][1:].tolist()       # the text after SEP, up to an image if one was opened
@@ -444,7 +477,7 @@ def read_numbers(model, numbers, *, batch_size=500):
                 if tok == EOS:
                     break
                 text += str(tok) if tok < 10 else "?"
-            out.append(text)
+            out.append((text, seq) if with_sequences else text)
     return out
 
 
@@ -468,9 +501,9 @@ def generate_digits(model, labels, **kw):
 
 @torch.no_grad()
 def caption_digits(model, images, *, batch_size=500):
-    """Label each image (N, 1, 28, 28) in [0, 1]: the prompt is BOS <image> ; (a one-digit
-    number to read) and the model writes the caption. Returns (N,) digits; -1 unless it wrote
-    exactly one digit before EOS."""
+    """Label each image (N, 1, 28, 28) in [0, 1]: each is read as a one-digit number
+    (`read_numbers`: BOS <image> 7 ; 7 EOS in the paired layout, the model writing both 7s).
+    Returns (N,) digits; -1 unless it wrote exactly one digit after SEP before EOS."""
     texts = read_numbers(model, [x[None] for x in images], batch_size=batch_size)
     return torch.tensor([int(t) if len(t) == 1 and t.isdigit() else -1 for t in texts], dtype=torch.long)
 
@@ -507,7 +540,9 @@ def build_parser():
     a("--caption-first", type=float, default=0.8,
       help="share of numbers written before their images (§4.1, §4.3.4: 80%%); the rest are read, images first")
     a("--layout", choices=LAYOUTS, default="paired",
-      help="paired: each image after its own digit; grouped: the number, then its images")
+      help="paired: each image beside its own digit (after it when drawing, before it when reading); "
+           "read-grouped: reading as the images, then the number; grouped: drawing as the number, then its "
+           "images, too (docs/numbers.md)")
     # model (TransfusionConfig)
     for k in ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "unet_channels"):
         a("--" + k.replace("_", "-"), type=int, default=getattr(c, k))

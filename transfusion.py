@@ -726,16 +726,18 @@ def drop_condition(cfg: TransfusionConfig, seqs, generator=None):
 
 
 def max_timesteps(cfg: TransfusionConfig, seqs) -> List[int]:
-    """The noise cap t_max of every image, in order: image_first_max_t (500) for an image
-    that comes before any caption text (only BOS precedes it; §4.3.4, Table 8), else T."""
+    """The noise cap t_max of every image, in order. §4.3.4 (Table 8) caps t at 500 "in the
+    20% of cases where images appear before their captions". Here that is every image of a
+    sequence that opens with an image (nothing but BOS before it), an image-first example:
+    image_first_max_t for each of its images, even one with text before it (in the paired
+    read layout, BOS <img> 2 <img> 0 ; ..., the second image's caption "0" still follows it).
+    Every other image is trained at any t up to T."""
     caps = []
     for seq in seqs:
-        text_before = 0
-        for seg in seq:
-            if seg.is_floating_point():
-                caps.append(cfg.image_first_max_t if text_before == 0 else cfg.T)
-            else:
-                text_before += int((seg != cfg.bos_id).sum())
+        # the first segment that is not BOS alone: an image, or the text of a caption
+        lead = next((seg for seg in seq if seg.is_floating_point() or bool((seg != cfg.bos_id).any())), None)
+        image_first = lead is not None and lead.is_floating_point()
+        caps += [cfg.image_first_max_t if image_first else cfg.T for seg in seq if seg.is_floating_point()]
     return caps
 
 
