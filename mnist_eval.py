@@ -325,6 +325,10 @@ def pictures(model, m, hist, out, names=None, log=print):
         pick = sorted(set(round(i) for i in torch.linspace(0, len(frames) - 1, min(8, len(frames))).tolist()))
         save(grid_figure(torch.cat([frames[i] for i in pick]), ncol=len(pick), cell=1.4,
                          title='denoising "7" from noise (left) to image (right)'), "denoise.png")
+    else:  # an untrained model may write something else than "7" and BOI: say so in the picture
+        fig = Figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, 'asked for "7", the model opened no image', ha="center", va="center", fontsize=9)
+        save(fig, "denoise.png")
     if "drawn" in m:
         save(sequences_figure([sequence_items(seq, names) for _, (_, seq) in m["drawn"][:8]],
                               title="4-digit numbers drawn: the whole generated sequence"), "numbers.png")

@@ -971,8 +971,9 @@ def test_every_ablation_row_is_a_valid_command_and_the_table_averages_seeds(tmp_
     import ablations
     import train_mnist as tm
     for row, flags in ablations.ROWS.items():
-        args = tm.parse_args(["--out", str(tmp_path / row), *flags, *ablations.LIGHT])   # exits on a bad flag
-        assert args.eval_per_label == 50
+        args = tm.parse_args(["--out", str(tmp_path / row), *ablations.BASE, *flags, *ablations.LIGHT])  # exits on a bad flag
+        assert args.eval_per_label == 50 and args.layout == "read-grouped"
+        assert args.patch_size == (4 if row.startswith("p4") else 7)   # the row's switch wins over BASE
     for seed, cap in ((0, 0.97), (1, 0.99)):
         os.makedirs(tmp_path / f"linear_s{seed}")
         (tmp_path / f"linear_s{seed}/results.json").write_text(json.dumps(dict(caption_acc=cap, fd=20.0 + seed, steps=300)))

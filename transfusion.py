@@ -27,9 +27,9 @@ stream BOS 7 BOI <N patches> EOI EOS.
 Deviations from the paper (all made so the model trains on a laptop CPU):
 - Images are raw pixels cut into patches; the paper patchifies the latent of a
   pretrained VAE (§2.3). Nothing here needs a VAE.
-- Tiny sizes: 0.67M parameters by default (paper: 0.16B-7B, Table 2), a vocabulary
-  of 16 tokens in train_mnist.py (paper: Llama 2's 32k), sequences of up to ~100
-  positions (paper: 4096).
+- Tiny sizes: 1.27M parameters by default (paper: 0.16B-7B, Table 2), most of them
+  in the U-Net's 14x14 patch convolutions; a vocabulary of 16 tokens in train_mnist.py
+  (paper: Llama 2's 32k), sequences of up to ~50 positions (paper: 4096).
 - The U-Net patch layers have one resolution level. Their norm follows the paper:
   footnote 7 replaces the U-Net's AdaLayerNorm by a regular layer norm, and our
   GroupNorm with one group is one (over each image's C, H, W, with a per-channel
@@ -94,7 +94,9 @@ class TransfusionConfig:
     # images (§3): pixels here, VAE latents in the paper (§2.3)
     image_size: int = 28
     channels: int = 1             # paper: 8 latent channels
-    patch_size: int = 7           # paper: 2x2 latent pixels (= 16x16 image pixels)
+    patch_size: int = 14          # 4 patches per 28x28 digit. Paper: 2x2 latent pixels (= 16x16
+                                  # image pixels); with U-Net layers its larger patches captioned
+                                  # better (Table 6), as here: 7x7 patches (16) in docs/numbers.md
     patch_encoder: str = "unet"   # "linear" or "unet" (§3, §4.3.3)
     unet_channels: int = 16       # width of the U-Net down/up blocks
     # diffusion (§2.2)
