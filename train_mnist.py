@@ -204,9 +204,10 @@ def train_step(model, opt, ema_params, model_params, seqs, gen, ema_decay: float
 # the flags that define a run: a resumed run takes them from its checkpoint
 RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup",
                            "ema", "fp32", "dataset", "clean_t")
-# 4: the paired read layout (a format-3 "paired" run read grouped). 3: the whole training
-# state, SEP in the vocabulary, numbers. 2: one-group U-Net norms.
-CKPT_FORMAT = 4
+# 5: the U-Net's patch projections stored as linear layers. 4: the paired read layout (a format-3
+# "paired" run read grouped). 3: the whole training state, SEP in the vocabulary, numbers.
+# 2: one-group U-Net norms.
+CKPT_FORMAT = 5
 
 
 class StopOnCtrlC:

@@ -28,7 +28,7 @@ Deviations from the paper (all made so the model trains on a laptop CPU):
 - Images are raw pixels cut into patches; the paper patchifies the latent of a
   pretrained VAE (§2.3). Nothing here needs a VAE.
 - Tiny sizes: 1.27M parameters by default (paper: 0.16B-7B, Table 2), most of them
-  in the U-Net's 14x14 patch convolutions; a vocabulary of 16 tokens in train_mnist.py
+  in the U-Net's 14x14 patch projections; a vocabulary of 16 tokens in train_mnist.py
   (paper: Llama 2's 32k), sequences of up to ~50 positions (paper: 4096).
 - The U-Net patch layers have one resolution level. Their norm follows the paper:
   footnote 7 replaces the U-Net's AdaLayerNorm by a regular layer norm, and our
@@ -322,16 +322,19 @@ class ResBlock(nn.Module):
 class UNetPatches(nn.Module):
     """The paper's stronger option (§3, §4.3.3): U-Net down blocks before the transformer
     and up blocks after it, joined by the U-Net's skip connection around the transformer.
-    One level here: a conv block at full resolution, then a P x P stride-P conv makes
-    one token per patch; the up path mirrors it."""
+    One level here: a conv block at full resolution, then patchify and a linear layer make
+    one token per patch (a P x P convolution of stride P, written as the matmul it is:
+    oneDNN's CPU kernel for that conv took twice as long, docs/speed.md); the up path
+    mirrors it."""
 
     def __init__(self, cfg: TransfusionConfig):
         super().__init__()
         c, D, P = cfg.unet_channels, cfg.d_model, cfg.patch_size
+        self.P, self.c = P, c
         self.conv_in = nn.Conv2d(cfg.channels, c, 3, padding=1)
         self.down = ResBlock(c, c, D)
-        self.to_tokens = nn.Conv2d(c, D, P, stride=P)                   # patchify + linear, in one conv
-        self.from_tokens = nn.ConvTranspose2d(D, c, P, stride=P)
+        self.to_tokens = nn.Linear(c * P * P, D)                        # a patch's c x P x P features -> D
+        self.from_tokens = nn.Linear(D, c * P * P)
         self.up = ResBlock(2 * c, c, D)
         self.norm_out, self.conv_out = nn.GroupNorm(1, c), nn.Conv2d(c, cfg.channels, 3, padding=1)
         # speed only, the same numbers: store weights and images channels-last, (H, W, C) in
@@ -341,13 +344,11 @@ class UNetPatches(nn.Module):
     def encode(self, x, temb):
         x = x.contiguous(memory_format=torch.channels_last)              # (M, C, H, W); a no-op if C = 1
         skip = self.down(self.conv_in(x), temb)                         # (M, c, H, W)
-        h = self.to_tokens(skip)                                        # (M, D, H/P, W/P)
-        return h.flatten(2).transpose(1, 2) + temb[:, None, :], skip    # (M, N, D), raster order
+        return self.to_tokens(patchify(skip, self.P)) + temb[:, None, :], skip  # (M, N, D), raster order
 
     def decode(self, h, temb, skip):
-        M, N, D = h.shape
-        side = math.isqrt(N)
-        h = self.from_tokens(h.transpose(1, 2).reshape(M, D, side, side))  # (M, c, H, W)
+        h = unpatchify(self.from_tokens(h), self.P, self.c)              # (M, c, H, W)
+        h = h.contiguous(memory_format=torch.channels_last)
         h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, c, H, W)
         return self.conv_out(F.silu(self.norm_out(h)))                  # (M, C, H, W)
 
@@ -639,6 +640,12 @@ class Transfusion(nn.Module):
         if isinstance(self.patches, UNetPatches):
             for rb in (self.patches.down, self.patches.up):
                 nn.init.zeros_(rb.conv2.weight)
+            # the patch projections are the U-Net's P x P convs: they keep a conv's fan-in
+            # init, uniform in +-1/sqrt(c P P), like the convs around them
+            for lin in (self.patches.to_tokens, self.patches.from_tokens):
+                bound = 1 / math.sqrt(self.cfg.unet_channels * self.cfg.patch_size ** 2)
+                nn.init.uniform_(lin.weight, -bound, bound)
+                nn.init.uniform_(lin.bias, -bound, bound)
         nn.init.normal_(self.patch_pos, std=0.02)
 
     def num_params(self) -> int:
