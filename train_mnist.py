@@ -528,7 +528,7 @@ def build_parser():
     a("--out", default="out")
     a("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     a("--seed", type=int, default=0)
-    a("--steps", type=int, default=14300, help="training steps: the run's length and its LR schedule")
+    a("--steps", type=int, default=16000, help="training steps: the run's length and its LR schedule")
     a("--minutes", type=float, default=None, help="optional cap on training wall time (the schedule stays that "
                                                    "of --steps; the run can be resumed)")
     a("--resume", action="store_true", help="continue the run saved in <out>/ckpt.pt")
