@@ -344,11 +344,12 @@ class UNetPatches(nn.Module):
     def encode(self, x, temb):
         x = x.contiguous(memory_format=torch.channels_last)              # (M, C, H, W); a no-op if C = 1
         skip = self.down(self.conv_in(x), temb)                         # (M, c, H, W)
-        return self.to_tokens(patchify(skip, self.P)) + temb[:, None, :], skip  # (M, N, D), raster order
+        h = patchify(skip, self.P)                                      # (M, N, c P P), raster order
+        return self.to_tokens(h) + temb[:, None, :], skip               # (M, N, D)
 
     def decode(self, h, temb, skip):
         h = unpatchify(self.from_tokens(h), self.P, self.c)              # (M, c, H, W)
-        h = h.contiguous(memory_format=torch.channels_last)
+        h = h.contiguous(memory_format=torch.channels_last)              # as skip, for the convs (speed)
         h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, c, H, W)
         return self.conv_out(F.silu(self.norm_out(h)))                  # (M, C, H, W)
 
@@ -642,8 +643,8 @@ class Transfusion(nn.Module):
                 nn.init.zeros_(rb.conv2.weight)
             # the patch projections are the U-Net's P x P convs: they keep a conv's fan-in
             # init, uniform in +-1/sqrt(c P P), like the convs around them
+            bound = 1 / math.sqrt(self.cfg.unet_channels * self.cfg.patch_size ** 2)
             for lin in (self.patches.to_tokens, self.patches.from_tokens):
-                bound = 1 / math.sqrt(self.cfg.unet_channels * self.cfg.patch_size ** 2)
                 nn.init.uniform_(lin.weight, -bound, bound)
                 nn.init.uniform_(lin.bias, -bound, bound)
         nn.init.normal_(self.patch_pos, std=0.02)
