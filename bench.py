@@ -154,8 +154,8 @@ class ScriptedText(Transfusion):
     """Without a checkpoint: the text head is scripted (";" is followed by a digit, a digit
     opens an image, EOI ends the sequence) so the benchmark times the path a trained model takes."""
 
-    def forward(self, batch, cache=None, commit=True):
-        logits, eps = super().forward(batch, cache, commit)
+    def predict(self, h, batch, image_state):
+        logits, eps = super().predict(h, batch, image_state)
         nxt = torch.where(batch.tokens == tm.SEP, 7, torch.where(batch.tokens < 10, tm.BOI, tm.EOS))
         return torch.full_like(logits, -1e4).scatter(-1, nxt[..., None], 0.0), eps
 

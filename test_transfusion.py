@@ -409,30 +409,30 @@ def test_kv_cached_decoding_equals_full_recomputation(encoder):
 
 
 def test_kv_cache_logits_match_a_full_forward():
-    from transfusion import KVCache
+    from transfusion import KVCache, forward_cached
     model = tiny_model()
     items = model.with_markers([text(BOS, 3), image(0), text(5, 6)])
     full, _ = model(model.collate([items]))
     cache = KVCache()
-    model(model.collate([items[:2]]), cache)            # BOS 3 | BOI
-    step, _ = model(model.collate([items[2:4]], start_pos=[3]), cache)   # ... BOI, then patches + EOI
-    last, _ = model(model.collate([items[4:]], start_pos=[3 + 4 + 1]), cache)   # ... then 5 6
+    forward_cached(model, model.collate([items[:2]]), cache)            # BOS 3 | BOI
+    step, _ = forward_cached(model, model.collate([items[2:4]], start_pos=[3]), cache)   # ... BOI, then patches + EOI
+    last, _ = forward_cached(model, model.collate([items[4:]], start_pos=[3 + 4 + 1]), cache)   # ... then 5 6
     assert torch.allclose(step[0], full[0, 3:8], atol=1e-5)
     assert torch.allclose(last[0], full[0, 8:], atol=1e-5)
 
 
 def force_next_token(model, rule):
     """Rig the LM head: the token after input a is rule[a] (EOS otherwise); images untouched."""
-    forward_ = model.forward
+    predict_ = model.predict
 
-    def rigged(batch, cache=None, commit=True):
-        logits, eps = forward_(batch, cache, commit)
+    def rigged(h, batch, image_state):
+        logits, eps = predict_(h, batch, image_state)
         nxt = torch.full_like(batch.tokens, EOS)
         for a, b in rule.items():
             nxt[batch.tokens == a] = b
         return torch.full_like(logits, -1e4).scatter(-1, nxt[..., None], 0.0), eps
 
-    model.forward = rigged
+    model.predict = rigged
 
 
 def test_each_row_takes_its_own_path():

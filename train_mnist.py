@@ -187,7 +187,7 @@ def train_step(model, opt, ema_params, model_params, seqs, gen, ema_decay: float
     """One optimisation step (§4.1): L = L_LM + lambda L_DDPM, backward, clip the gradient
     norm at 1.0, AdamW; then the EMA of the weights. Returns (lm, ddpm) as tensors (no sync)."""
     with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss, lm, ddpm = model.loss(seqs, generator=gen)
+        loss, lm, ddpm = model.loss(seqs, generator=gen, packed=True)   # packed rows: less padding
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,63 +1,59 @@
 """
-Transfusion in one file: a single transformer that predicts the next text token
-and denoises images with diffusion, switching between the two inside one sequence.
+Transfusion in one file: a single transformer that predicts the next text token and
+denoises images with diffusion, switching between the two inside one sequence.
 
     Zhou et al., "Transfusion: Predict the Next Token and Diffuse Images with One
     Multi-Modal Model", 2024. https://arxiv.org/abs/2408.11039  (section numbers: v1)
 
-Read it top to bottom; the sections follow the data:
-    1. config                           6. sequences -> batch
-    2. Llama-style transformer          7. the model: one transformer over the batch
-    3. modality parts (text, images)    8. the training objective (Eq. 1-4)
-    4. the Transfusion attention mask   9. decoding (§3 "Inference"): a reference
-    5. diffusion: schedule, noising,       loop for one prompt, then the batched,
-       samplers, guidance                  KV-cached one
+Sections 1-9 are the paper's method on a plain padded batch, in the order the data
+flows; read them top to bottom. Section 10 only makes it fast and may be skipped: the
+file up to its header trains a model and decodes with it.
+    1. config                              6. sequences -> a padded batch
+    2. the transformer: Llama blocks       7. the model (Fig. 3)
+    3. modality parts: patches, timesteps  8. the training objective (Eq. 1-4)
+    4. the attention mask (Fig. 4)         9. decoding (§3 "Inference")
+    5. diffusion: schedule, noising       10. Speed: packing, the KV cache, batched decoding
 
-Shapes in the comments: B batch, S sequence, L cached length, M images in a batch,
-N patches per image, D model width, H heads, Dh head width, P patch side,
-C channels, T diffusion steps, V vocabulary; c is the U-Net's width. In an image's
-shape (C, H, W), H and W are its height and width.
+Shapes in the comments: B batch, S sequence, L cached length, V vocabulary, D model
+width, H heads, Dh head width, M images in a batch, C image channels, I image side
+(images are square: (C, I, I)), P patch side, N = (I/P)^2 patches per image, U the
+U-Net's width, T diffusion steps.
 
 A sequence is a Python list of segments: a 1-D LongTensor of text token ids, or an
-image tensor (C, H, W) with values in [-1, 1]. BOI and EOI are not written in the
-text: every image is wrapped in BOI ... EOI when the sequence is built (§3 "Data
-Representation"). Example: [tensor([BOS, 7]), image, tensor([EOS])] is the token
-stream BOS 7 BOI <N patches> EOI EOS.
+image tensor (C, I, I) with values in [-1, 1]. BOI and EOI are not written in the text:
+every image is wrapped in BOI ... EOI when the sequence is read (§3 "Data
+Representation"). Example: [tensor([BOS, 7]), image, tensor([EOS])] is the token stream
+BOS 7 BOI <N patches> EOI EOS.
 
-Deviations from the paper (all made so the model trains on a laptop CPU):
-- Images are raw pixels cut into patches; the paper patchifies the latent of a
-  pretrained VAE (§2.3). Nothing here needs a VAE.
-- Tiny sizes: 1.27M parameters by default (paper: 0.16B-7B, Table 2), most of them
-  in the U-Net's 14x14 patch projections; a vocabulary of 16 tokens in train_mnist.py
-  (paper: Llama 2's 32k), sequences of up to ~50 positions (paper: 4096).
-- The U-Net patch layers have one resolution level. Their norm follows the paper:
-  footnote 7 replaces the U-Net's AdaLayerNorm by a regular layer norm, and our
-  GroupNorm with one group is one (over each image's C, H, W, with a per-channel
-  scale and shift); the timestep is added between the convs, as in DDPM's U-Net.
-- Linear patches get the timestep embedding after the linear layer, at width D;
-  footnote 6 adds it to each patch vector before. W(p + e) = Wp + We, so a learned
-  D-vector added after can express everything the paper's version can.
-- Each patch token also gets a learned embedding of its index in the image, so
-  even the linear encoder knows where a patch sits; the paper does not say how it
-  tells patch positions apart beyond the sequence's RoPE.
-- Condition dropout for classifier-free guidance: the paper gives no rate; we
-  use DiT's 0.1. "Unconditional" means BOS and the image, nothing else: that is
-  what a dropped sequence keeps, and the context the decoding loops contrast
-  every image with, the first of a sequence or a later one (section 9).
-- A clean image given to the model (in a prompt, or one just drawn) is shown as
-  it is, with the timestep embedding of t = clean_t = 50 (alpha_bar 0.99): few
-  training images sit near t = 1, so that embedding is the least trained (MNIST
-  captions: 97.7% right at t = 1, 98.4% at t = 50; README). Cascaded diffusion
-  (Ho et al. 2022) also shows conditioning images at a validated noise level.
-- A DDIM sampler (Song et al. 2021) is offered beside the paper's DDPM one, for
-  fewer steps.
+Deviations from the paper, all so that it trains on a laptop CPU:
+- Pixels, not a VAE latent: images are cut into patches directly (the paper patchifies
+  the latent of a pretrained VAE, §2.3).
+- Tiny: the defaults below have 1.27M parameters and 2 layers of width 128 (paper:
+  0.16B-7B, 16-32 layers, Table 2), a vocabulary of 16 ids (Llama 2's 32k) and
+  sequences of at most 43 positions (4096).
+- The U-Net patch layers have one resolution level. Their norm is footnote 7's regular
+  layer norm in place of AdaLayerNorm: a GroupNorm with one group normalises each image
+  over (C, I, I), with a per-channel scale and shift. The timestep embedding enters
+  inside each conv block, as in DDPM's U-Net, and is added once more to the patch tokens
+  that the down path makes, as for linear patches (below).
+- Linear patches get the timestep embedding after the linear layer, at width D; footnote
+  6 adds it to each patch vector before. W(p + e) = Wp + We, so a learned D-vector added
+  after can express everything the paper's version can.
+- Each patch token also gets a learned embedding of its index in the image, so that even
+  the linear encoder knows where a patch sits; the paper does not say how patches are
+  told apart beyond the sequence's RoPE.
+- Condition dropout for classifier-free guidance: the paper gives no rate; we use DiT's
+  0.1. "Unconditional" is BOS and the image alone (drop_condition, section 8).
+- A clean image given to the model (in a prompt, or one just drawn) is shown with the
+  timestep embedding of t = clean_t = 50 (alpha_bar 0.99); the paper does not say. t is
+  drawn uniformly in training, so few images sit near t = 1 and its embedding is the least
+  trained. (train_mnist.py --eval-only --clean-t 1 measures the alternative.)
+- The samplers clip their estimate of x_0 to the data range [-1, 1] (predict_x0), as the
+  reference DDPM code does; the paper does not say.
+- A DDIM sampler (Song et al. 2021) is offered beside the paper's DDPM one.
 
-Speed only, the same numbers: training packs short sequences into shared rows
-(`collate`, section 6), each seeing only itself, so a step pads less; the U-Net's
-convolutions run channels-last.
-
-Left out on purpose: the VAE, text tokenization (ids are given), distributed
-training and the image-editing fine-tune (§4.5).
+Left out on purpose: the VAE, text tokenization (ids are given), distributed training and
+the image-editing fine-tune (§4.5).
 """
 import math
 from dataclasses import dataclass
@@ -67,16 +63,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-Segment = torch.Tensor  # a 1-D LongTensor of token ids, or an image (C, H, W)
+Segment = torch.Tensor  # a 1-D LongTensor of token ids, or an image (C, I, I)
 
 
 # ---- 1. Config ----
 
 @dataclass
 class TransfusionConfig:
-    # defaults: the tuned MNIST run of train_mnist.py (README "Results")
-    # text (§2.1): a closed vocabulary; special tokens are ordinary ids in it
-    vocab_size: int = 15          # paper: Llama 2's 32k; MNIST: ten digits + 5 specials
+    # the defaults are the model train_mnist.py trains on 28x28 digits
+    # text (§2.1): a closed vocabulary; the special tokens are ordinary ids in it
+    vocab_size: int = 15          # paper: Llama 2's 32k
     pad_id: int = 10
     bos_id: int = 11
     boi_id: int = 12              # begin of image (§3 "Data Representation")
@@ -94,11 +90,10 @@ class TransfusionConfig:
     # images (§3): pixels here, VAE latents in the paper (§2.3)
     image_size: int = 28
     channels: int = 1             # paper: 8 latent channels
-    patch_size: int = 14          # 4 patches per 28x28 digit. Paper: 2x2 latent pixels (= 16x16
-                                  # image pixels); with U-Net layers its larger patches captioned
-                                  # better (Table 6), as here: 7x7 patches (16) in docs/numbers.md
+    patch_size: int = 14          # 4 patches per 28x28 image. Paper: 2x2 latent pixels (= 16x16
+                                  # image pixels); with U-Net layers larger patches lose little (Table 6)
     patch_encoder: str = "unet"   # "linear" or "unet" (§3, §4.3.3)
-    unet_channels: int = 16       # width of the U-Net down/up blocks
+    unet_channels: int = 16       # U, the width of the U-Net down/up blocks
     # diffusion (§2.2)
     T: int = 1000                 # training timesteps, as the paper
     cosine_s: float = 0.008       # Nichol & Dhariwal's offset
@@ -138,7 +133,7 @@ class TransfusionConfig:
 
 class RMSNorm(nn.Module):
     """Llama's norm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * g.
-    F.rms_norm computes exactly that in one fused kernel."""
+    F.rms_norm computes exactly that in one kernel."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -162,35 +157,6 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-class KVCache:
-    """Keys and values of the tokens decoded so far, one pair per layer (§3 "Inference").
-
-    `valid` (B, L) marks real columns. Every call adds a column for every row, so a
-    row that sat a call out (its sequence ended, or waits while others decode) leaves
-    invalid columns behind that no later query may attend to.
-    """
-
-    def __init__(self):
-        self.k: List[torch.Tensor] = []   # per layer (B, H, L, Dh)
-        self.v: List[torch.Tensor] = []
-        self.valid: Optional[torch.Tensor] = None
-
-    def __len__(self):
-        return 0 if self.valid is None else self.valid.shape[1]
-
-    def extend(self, layer: int, k, v, commit: bool):
-        """Keys/values of the cache followed by the new ones; stored if `commit`."""
-        if layer < len(self.k):
-            k = torch.cat([self.k[layer], k], dim=2)                     # (B, H, L+S, Dh)
-            v = torch.cat([self.v[layer], v], dim=2)
-            if commit:
-                self.k[layer], self.v[layer] = k, v
-        elif commit:
-            self.k.append(k)
-            self.v.append(v)
-        return k, v
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: TransfusionConfig):
         super().__init__()
@@ -198,19 +164,22 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, commit=False):
+    def forward(self, x, cos, sin, mask):
+        q, k, v = self.qkv(x, cos, sin)
+        return self.attend(q, k, v, mask)
+
+    def qkv(self, x, cos, sin):
+        """Queries, keys and values of x (B, S, D), each (B, H, S, Dh); q and k rotated by RoPE."""
         B, S, D = x.shape
-        # QKV
         qkv = self.wqkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, S, Dh)
         q, k, v = qkv.unbind(0)                                          # (B, H, S, Dh) each
-        # RoPE
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.extend(layer, k, v, commit)                      # (B, H, L+S, Dh)
-        # the mask decides who sees whom: causal text, bidirectional images (section 4)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, mask):
+        """Each query's mix of the values whose keys the mask lets it see (section 4)."""
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)      # (B, H, S, Dh)
-        y = y.transpose(1, 2).reshape(B, S, D)                           # (B, S, D)
-        return self.wo(y)
+        B, H, S, Dh = y.shape
+        return self.wo(y.transpose(1, 2).reshape(B, S, H * Dh))          # (B, S, D)
 
 
 class SwiGLU(nn.Module):
@@ -234,32 +203,32 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, commit=False):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, commit)
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
-# ---- 3. Modality parts (§3 "Model Architecture"): text embeddings, patches, timesteps ----
-# Text has an embedding table in and a linear LM head out (in Transfusion below).
-# Images are cut into P x P patches in raster order (left-to-right, top-to-bottom,
-# §3 "Data Representation") and mapped to and from the transformer's width by a
-# linear layer or by U-Net down/up blocks, with the diffusion timestep added.
+# ---- 3. Modality parts (§3 "Model Architecture"): patches, timesteps, patch layers ----
+# Text has an embedding table in and a linear LM head out (in Transfusion, section 7).
+# Images are cut into P x P patches in raster order (left to right, top to bottom;
+# §3 "Data Representation") and mapped to and from the transformer's width by a linear
+# layer or by U-Net down/up blocks, with the diffusion timestep added.
 
 def patchify(x, P: int):
-    """(M, C, H, W) images -> (M, N, C*P*P) patches in raster order."""
-    M, C, H, W = x.shape
-    x = x.view(M, C, H // P, P, W // P, P)                              # (M, C, H/P, P, W/P, P)
-    x = x.permute(0, 2, 4, 1, 3, 5)                                     # (M, H/P, W/P, C, P, P)
-    return x.reshape(M, (H // P) * (W // P), C * P * P)                 # (M, N, C*P*P)
+    """(M, C, I, I) images -> (M, N, C*P*P) patches in raster order."""
+    M, C, I, _ = x.shape
+    x = x.view(M, C, I // P, P, I // P, P)                              # (M, C, I/P, P, I/P, P)
+    x = x.permute(0, 2, 4, 1, 3, 5)                                     # (M, I/P, I/P, C, P, P)
+    return x.reshape(M, (I // P) ** 2, C * P * P)                       # (M, N, C*P*P)
 
 
 def unpatchify(x, P: int, C: int):
-    """(M, N, C*P*P) patches -> (M, C, H, W) images; the exact inverse of patchify."""
+    """(M, N, C*P*P) patches -> (M, C, I, I) images; the exact inverse of patchify."""
     M, N, _ = x.shape
-    side = math.isqrt(N)
-    x = x.view(M, side, side, C, P, P)                                  # (M, H/P, W/P, C, P, P)
-    x = x.permute(0, 3, 1, 4, 2, 5)                                     # (M, C, H/P, P, W/P, P)
-    return x.reshape(M, C, side * P, side * P)                          # (M, C, H, W)
+    side = math.isqrt(N)                                                # I/P
+    x = x.view(M, side, side, C, P, P)                                  # (M, I/P, I/P, C, P, P)
+    x = x.permute(0, 3, 1, 4, 2, 5)                                     # (M, C, I/P, P, I/P, P)
+    return x.reshape(M, C, side * P, side * P)                          # (M, C, I, I)
 
 
 def timestep_features(t, dim: int = 256, max_period: float = 10000.0):
@@ -291,20 +260,20 @@ class LinearPatches(nn.Module):
         self.proj_out = nn.Linear(cfg.d_model, cfg.patch_dim)
 
     def encode(self, x, temb):
-        """Images x_t (M, C, H, W) and their timestep embedding (M, D) -> tokens (M, N, D)."""
+        """Images x_t (M, C, I, I) and their timestep embedding (M, D) -> tokens (M, N, D)."""
         # footnote 6 adds the timestep to each patch before proj_in; we add it after, at width D (docstring)
         return self.proj_in(patchify(x, self.P)) + temb[:, None, :], None
 
     def decode(self, h, temb, skip):
-        """Transformer outputs at the patches (M, N, D) -> predicted noise (M, C, H, W)."""
+        """Transformer outputs at the patches (M, N, D) -> predicted noise (M, C, I, I)."""
         return unpatchify(self.proj_out(h), self.P, self.C)
 
 
 class ResBlock(nn.Module):
-    """The DDPM U-Net's residual conv block, timestep added between the two convs.
-    Its norm is the paper's (footnote 7: a regular layer norm in place of AdaLayerNorm):
-    GroupNorm with one group normalises each image over all its channels and pixels, a
-    layer norm over (C, H, W) with a per-channel scale and shift (DDPM's U-Net: 32 groups)."""
+    """The DDPM U-Net's residual conv block, the timestep added between its two convs.
+    Its norm is footnote 7's regular layer norm in place of AdaLayerNorm: a GroupNorm with
+    one group normalises each image over all its channels and pixels, with a per-channel
+    scale and shift."""
 
     def __init__(self, c_in: int, c_out: int, d_t: int):
         super().__init__()
@@ -314,7 +283,7 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x))) + self.t_proj(temb)[:, :, None, None]  # (M, c_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x))) + self.t_proj(temb)[:, :, None, None]  # (M, c_out, I, I)
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
 
@@ -323,64 +292,58 @@ class UNetPatches(nn.Module):
     """The paper's stronger option (§3, §4.3.3): U-Net down blocks before the transformer
     and up blocks after it, joined by the U-Net's skip connection around the transformer.
     One level here: a conv block at full resolution, then patchify and a linear layer make
-    one token per patch (a P x P convolution of stride P, written as the matmul it is:
-    oneDNN's CPU kernel for that conv took twice as long, docs/speed.md); the up path
-    mirrors it."""
+    one token per patch (a P x P convolution of stride P, written as the matmul it is);
+    the up path mirrors it."""
 
     def __init__(self, cfg: TransfusionConfig):
         super().__init__()
-        c, D, P = cfg.unet_channels, cfg.d_model, cfg.patch_size
-        self.P, self.c = P, c
-        self.conv_in = nn.Conv2d(cfg.channels, c, 3, padding=1)
-        self.down = ResBlock(c, c, D)
-        self.to_tokens = nn.Linear(c * P * P, D)                        # a patch's c x P x P features -> D
-        self.from_tokens = nn.Linear(D, c * P * P)
-        self.up = ResBlock(2 * c, c, D)
-        self.norm_out, self.conv_out = nn.GroupNorm(1, c), nn.Conv2d(c, cfg.channels, 3, padding=1)
-        # speed only, the same numbers: store weights and images channels-last, (H, W, C) in
-        # memory, the layout in which oneDNN's CPU convolutions run fastest (docs/speed.md)
+        U, D, P = cfg.unet_channels, cfg.d_model, cfg.patch_size
+        self.P, self.U = P, U
+        self.conv_in = nn.Conv2d(cfg.channels, U, 3, padding=1)
+        self.down = ResBlock(U, U, D)
+        self.to_tokens = nn.Linear(U * P * P, D)                        # a patch's U x P x P features -> D
+        self.from_tokens = nn.Linear(D, U * P * P)
+        self.up = ResBlock(2 * U, U, D)
+        self.norm_out, self.conv_out = nn.GroupNorm(1, U), nn.Conv2d(U, cfg.channels, 3, padding=1)
+        # speed only, the same numbers: weights and images stored channels-last, (I, I, U)
+        # in memory, the layout CPU convolutions run fastest in (docs/speed.md)
         self.to(memory_format=torch.channels_last)
 
     def encode(self, x, temb):
-        x = x.contiguous(memory_format=torch.channels_last)              # (M, C, H, W); a no-op if C = 1
-        skip = self.down(self.conv_in(x), temb)                         # (M, c, H, W)
-        h = patchify(skip, self.P)                                      # (M, N, c P P), raster order
-        return self.to_tokens(h) + temb[:, None, :], skip               # (M, N, D)
+        x = x.contiguous(memory_format=torch.channels_last)              # (M, C, I, I); a no-op if C = 1
+        skip = self.down(self.conv_in(x), temb)                         # (M, U, I, I)
+        h = patchify(skip, self.P)                                      # (M, N, U*P*P), raster order
+        return self.to_tokens(h) + temb[:, None, :], skip               # (M, N, D); t again (docstring)
 
     def decode(self, h, temb, skip):
-        h = unpatchify(self.from_tokens(h), self.P, self.c)              # (M, c, H, W)
+        h = unpatchify(self.from_tokens(h), self.P, self.U)              # (M, U, I, I)
         h = h.contiguous(memory_format=torch.channels_last)              # as skip, for the convs (speed)
-        h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, c, H, W)
-        return self.conv_out(F.silu(self.norm_out(h)))                  # (M, C, H, W)
+        h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, U, I, I)
+        return self.conv_out(F.silu(self.norm_out(h)))                  # (M, C, I, I)
 
 
 # ---- 4. The Transfusion attention mask (§3 "Transfusion Attention", Fig. 4) ----
 
-def transfusion_mask(img_id, valid, bidirectional: bool = True, seq=None):
-    """Who may attend to whom, for a padded batch.
+def transfusion_mask(img_id, valid, bidirectional: bool = True):
+    """Who may attend to whom, for a padded batch with one sequence per row.
 
     img_id (B, S): for each position the index of the image its patch belongs to, or
         -1 for text (BOI and EOI are text) and padding.
     valid (B, S): False at padding.
-    seq (B, S), optional: which sequence a position belongs to (`collate` with packed=True
-        puts several short sequences in one row); None: one sequence per row.
     Returns (B, S, S) bool, True where query i may attend to key j: causal over the
-    whole sequence, plus, if `bidirectional`, every pair of patches of the same image,
-    never a padding key nor another sequence of the row. A padding query sees itself,
-    so no softmax row is empty.
+    whole sequence, plus, if `bidirectional`, every pair of patches of the same image;
+    never a padding key. A padding query sees itself, so that no softmax row is empty.
     """
     S = img_id.shape[1]
     mask = torch.ones(S, S, dtype=torch.bool, device=img_id.device).tril()     # (S, S) causal
     if bidirectional:  # the paper's choice; causal images lose FID, most with linear patches (Table 5)
         same_image = (img_id[:, :, None] == img_id[:, None, :]) & (img_id[:, :, None] >= 0)  # (B, S, S)
         mask = mask | same_image
-    if seq is not None:  # packed rows: each sequence sees only itself, as if it had a row of its own
-        mask = mask & (seq[:, :, None] == seq[:, None, :])                      # (B, S, S)
     mask = mask & valid[:, None, :]                                             # (B, S, S)
     return mask | torch.eye(S, dtype=torch.bool, device=img_id.device)
 
 
-# ---- 5. Diffusion (§2.2): cosine schedule, forward noising, samplers, guidance ----
+# ---- 5. Diffusion (§2.2): the cosine schedule and the forward process ----
 
 def cosine_alpha_bar(T: int, s: float = 0.008, max_beta: float = 0.999):
     """alpha_bar_t for t = 0..T (T+1 values) from Nichol & Dhariwal's cosine schedule.
@@ -395,71 +358,36 @@ def cosine_alpha_bar(T: int, s: float = 0.008, max_beta: float = 0.999):
 
 
 def add_noise(x0, t, eps, alpha_bar):
-    """Eq. 2: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, for images (M, C, H, W), t (M,)."""
+    """Eq. 2: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, for images (M, C, I, I), t (M,)."""
     ab = alpha_bar[t].view(-1, 1, 1, 1)                                 # (M, 1, 1, 1)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
 
-def sampling_timesteps(T: int, steps: int) -> List[Tuple[int, int]]:
-    """(t, t_prev) pairs from T down to 0 in `steps` evenly spaced jumps, the
-    "respacing" of Nichol & Dhariwal (§4.1: 250 steps of the 1000 trained)."""
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, {T}], got {steps}")
-    ts = torch.linspace(T, 1, steps).round().long().tolist()
-    return list(zip(ts, ts[1:] + [0]))
-
-
-def predict_x0(xt, eps, ab_t):
-    """Invert Eq. 2 for x_0 given the predicted noise; clipped to the data range [-1, 1]."""
-    return ((xt - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)
-
-
-def ddpm_step(xt, eps, t: int, t_prev: int, alpha_bar, noise):
-    """Ancestral sampling (Ho et al. 2020, Algorithm 2), on a respaced schedule:
-    x_{t_prev} ~ q(x_{t_prev} | x_t, x0_hat), the Gaussian posterior around the predicted x_0."""
-    ab_t, ab_prev = alpha_bar[t], alpha_bar[t_prev]
-    beta = 1 - ab_t / ab_prev                                           # beta of the jump t_prev -> t
-    x0 = predict_x0(xt, eps, ab_t)
-    mean = (ab_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab_prev) * xt) / (1 - ab_t)
-    if t_prev == 0:
-        return mean
-    var = beta * (1 - ab_prev) / (1 - ab_t)
-    return mean + var.sqrt() * noise
-
-
-def ddim_step(xt, eps, t: int, t_prev: int, alpha_bar, noise=None):
-    """Deterministic DDIM (Song et al. 2021, eta = 0): jump to t_prev along the predicted noise."""
-    ab_t, ab_prev = alpha_bar[t], alpha_bar[t_prev]
-    x0 = predict_x0(xt, eps, ab_t)
-    eps = (xt - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()                  # the noise consistent with the clipped x0
-    return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
-
-
-SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
-
-
-def classifier_free_guidance(eps_cond, eps_uncond, scale: float):
-    """Ho & Salimans 2022: push the prediction away from the unconditional one (§2.2, §4.1)."""
-    return eps_uncond + scale * (eps_cond - eps_uncond)
-
-
-# ---- 6. Sequences -> batch (§3 "Data Representation") ----
+# ---- 6. Sequences -> a padded batch (§3 "Data Representation") ----
 # The user's segments become the model's "items": token tensors with BOI and EOI written
-# in, and (image, t) pairs, each image as the N patch positions it fills. `collate` pads
-# rows of items into one Batch; the loss (section 8) and decoding (section 9) both use it.
+# in, and (image, t) pairs, each image filling N patch positions. `collate` pads rows of
+# items into one Batch; the loss (section 8) and decoding (section 9) both use it.
 
 @dataclass
 class Batch:
-    """A padded batch of sequences, what the transformer sees (built by `collate`)."""
+    """A padded batch of sequences, one per row: what the transformer sees (`collate`)."""
     tokens: torch.Tensor   # (B, S) text token ids; PAD at patches and padding
     img_id: torch.Tensor   # (B, S) index m of the image a patch belongs to, -1 elsewhere
     valid: torch.Tensor    # (B, S) False at padding
-    pos: torch.Tensor      # (B, S) RoPE positions (they restart at each sequence of a packed row)
-    images: torch.Tensor   # (M, C, H, W) the images as the model sees them (x_t)
+    pos: torch.Tensor      # (B, S) RoPE positions
+    mask: torch.Tensor     # (B, S, S) who may attend to whom (section 4)
+    targets: torch.Tensor  # (B, S) the next token each position is trained to predict, -1: none (Eq. 1)
+    images: torch.Tensor   # (M, C, I, I) the images as the model sees them (x_t)
     t: torch.Tensor        # (M,) their diffusion timesteps
     img_row: torch.Tensor  # (M,) the row of image m ...
     img_col: torch.Tensor  # (M,) ... and the column of its first patch
-    seq: torch.Tensor      # (B, S) which sequence a position belongs to (a row may hold several)
+
+    def patch_index(self, N: int):
+        """(row, column) of every patch in the batch, image by image: two (M*N,) tensors."""
+        M = self.img_row.shape[0]
+        rows = self.img_row[:, None].expand(M, N).reshape(-1)
+        cols = (self.img_col[:, None] + torch.arange(N, device=self.img_col.device)).reshape(-1)
+        return rows, cols
 
 
 def check_batch(cfg: TransfusionConfig, seqs: Sequence[Sequence[Segment]]):
@@ -483,7 +411,7 @@ def check_batch(cfg: TransfusionConfig, seqs: Sequence[Sequence[Segment]]):
             elif seg.is_floating_point():  # image
                 want = (cfg.channels, cfg.image_size, cfg.image_size)
                 if tuple(seg.shape) != want:
-                    raise ValueError(f"image segment {i} has shape {tuple(seg.shape)}, expected (C, H, W) = {want}")
+                    raise ValueError(f"image segment {i} has shape {tuple(seg.shape)}, expected (C, I, I) = {want}")
                 images.append(seg)
                 where.append((s, i))
                 length += cfg.n_patches + 2  # BOI, patches, EOI
@@ -527,33 +455,15 @@ def n_positions(cfg: TransfusionConfig, items: list) -> int:
     return sum(cfg.n_patches if isinstance(item, tuple) else item.numel() for item in items)
 
 
-def pack(lengths: Sequence[int], capacity: int) -> List[Tuple[int, int]]:
-    """First-fit decreasing: put sequences of these lengths into as few rows of
-    `capacity` positions as it finds. Returns (row, offset) for each sequence."""
-    assert max(lengths) <= capacity, "a sequence longer than a row"
-    ends, where = [], [None] * len(lengths)           # ends[r]: the positions row r has filled
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        r = next((r for r, end in enumerate(ends) if end + lengths[i] <= capacity), len(ends))
-        if r == len(ends):
-            ends.append(0)
-        where[i] = (r, ends[r])
-        ends[r] += lengths[i]
-    return where
-
-
-def collate(cfg: TransfusionConfig, rows: Sequence[list], device,
+def collate(cfg: TransfusionConfig, seqs: Sequence[list], device,
             start_pos: Optional[Sequence[int]] = None, packed: bool = False) -> Batch:
-    """Lists of items (token tensors and (image, t) pairs) -> one right-padded Batch.
-    Sequence b's positions start at start_pos[b] (0 unless continuing a KV cache).
-    A KV cache continues rows, so it takes unpacked batches only.
-
-    packed=True (training): short sequences share a row, no longer than the longest
-    sequence, instead of each being padded to it; `seq` and the mask keep them apart and
-    their positions restart at 0, so the loss is the padded batch's. Images keep their
-    order (m), only their place in the batch moves."""
+    """Lists of items (token tensors and (image, t) pairs) -> one right-padded Batch, a
+    sequence per row. Sequence b's positions start at start_pos[b] (0 unless it continues
+    earlier positions, as decoding with a KV cache does, section 10).
+    packed=True: short sequences share rows, for speed (`pack_batch`, section 10)."""
     N = cfg.n_patches
     tokens, img_id, pos, images, ts, img_row, img_col = [], [], [], [], [], [], []
-    for b, items in enumerate(rows):
+    for b, items in enumerate(seqs):
         tok, ids = [], []
         for item in items:
             if isinstance(item, tuple):  # an image: N patch positions
@@ -570,37 +480,34 @@ def collate(cfg: TransfusionConfig, rows: Sequence[list], device,
         tokens.append(tok)
         img_id.append(ids)
         pos.append(list(range(p0, p0 + len(tok))))
-    seq = [[b] * len(tok) for b, tok in enumerate(tokens)]             # which sequence each position is
-    if packed:  # sequence b moves to row r at offset o, and its images with it
-        where = pack([len(tok) for tok in tokens], capacity=max(len(tok) for tok in tokens))
-        img_col = [where[b][1] + col for b, col in zip(img_row, img_col)]
-        img_row = [where[b][0] for b in img_row]
-        joined = [[[] for _ in range(1 + max(r for r, _ in where))] for _ in range(4)]
-        for b in sorted(range(len(tokens)), key=lambda b: where[b]):     # row by row, left to right
-            for new, old in zip(joined, (tokens, img_id, pos, seq)):
-                new[where[b][0]] += old[b]
-        tokens, img_id, pos, seq = joined
     S = max(1, max(len(tok) for tok in tokens))
 
-    def pad(rows_, value):
-        return torch.tensor([r + [value] * (S - len(r)) for r in rows_], device=device)  # (B, S)
+    def pad(rows, value):
+        return torch.tensor([r + [value] * (S - len(r)) for r in rows], device=device)  # (B, S)
 
+    valid = pad([[True] * len(tok) for tok in tokens], False)
+    tokens, img_id = pad(tokens, cfg.pad_id), pad(img_id, -1)
+    # Eq. 1's targets: position i predicts token i+1 where both are text, but not where the
+    # input is BOI (footnote 8: a patch comes next, and patches are not predicted as tokens)
+    is_text = valid & (img_id < 0)                                      # (B, S)
+    has_target = is_text[:, :-1] & is_text[:, 1:] & (tokens[:, :-1] != cfg.boi_id)  # (B, S-1)
+    targets = torch.full_like(tokens, -1)
+    targets[:, :-1][has_target] = tokens[:, 1:][has_target]
     img = (torch.stack(images).to(device) if images else
            torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device))
-    return Batch(tokens=pad(tokens, cfg.pad_id), img_id=pad(img_id, -1),
-                 valid=pad([[True] * len(tok) for tok in tokens], False),
-                 pos=pad(pos, 0), images=img,
-                 t=torch.tensor(ts, dtype=torch.long, device=device),
-                 img_row=torch.tensor(img_row, dtype=torch.long, device=device),
-                 img_col=torch.tensor(img_col, dtype=torch.long, device=device),
-                 seq=pad(seq, -1))
+    batch = Batch(tokens=tokens, img_id=img_id, valid=valid, pos=pad(pos, 0),
+                  mask=transfusion_mask(img_id, valid, cfg.image_attention == "bidirectional"),
+                  targets=targets, images=img, t=torch.tensor(ts, dtype=torch.long, device=device),
+                  img_row=torch.tensor(img_row, dtype=torch.long, device=device),
+                  img_col=torch.tensor(img_col, dtype=torch.long, device=device))
+    return pack_batch(cfg, batch) if packed else batch
 
 
 # ---- 7. The model: one transformer over text and patches (§3 "Model Architecture", Fig. 3) ----
 
 class Transfusion(nn.Module):
     """The parts of sections 2-4 put together: `forward` maps a Batch to text logits and
-    noise predictions. The other sections' functions are offered as methods at the end."""
+    noise predictions. The loss and decoding are sections 8 and 9 (also offered as methods)."""
 
     def __init__(self, cfg: TransfusionConfig):
         super().__init__()
@@ -642,7 +549,7 @@ class Transfusion(nn.Module):
             for rb in (self.patches.down, self.patches.up):
                 nn.init.zeros_(rb.conv2.weight)
             # the patch projections are the U-Net's P x P convs: they keep a conv's fan-in
-            # init, uniform in +-1/sqrt(c P P), like the convs around them
+            # init, uniform in +-1/sqrt(U P P), like the convs around them
             bound = 1 / math.sqrt(self.cfg.unet_channels * self.cfg.patch_size ** 2)
             for lin in (self.patches.to_tokens, self.patches.from_tokens):
                 nn.init.uniform_(lin.weight, -bound, bound)
@@ -656,74 +563,77 @@ class Transfusion(nn.Module):
     def device(self) -> torch.device:  # where inputs go; the training script chooses it
         return self.tok_emb.weight.device
 
-    def forward(self, batch: Batch, cache: Optional[KVCache] = None, commit: bool = True):
-        """One pass of the shared transformer over a batch of mixed sequences.
-        Returns text logits (B, S, V) and the predicted noise eps_hat of each image (M, C, H, W).
-        With a cache, the batch continues the cached rows; `commit` stores its keys/values."""
-        N = self.cfg.n_patches
-        B, S = batch.tokens.shape
-        M = batch.images.shape[0]
-        h = self.tok_emb(batch.tokens)                                  # (B, S, D)
-        if M:
-            # images: noisy x_t -> patch tokens with their timestep, written into the sequence
-            temb = self.time_emb(batch.t)                               # (M, D)
-            patch_tokens, skip = self.patches.encode(batch.images, temb)  # (M, N, D)
-            patch_tokens = patch_tokens + self.patch_pos                # (M, N, D)
-            rows = batch.img_row[:, None].expand(M, N).reshape(-1)      # (M*N,)
-            cols = (batch.img_col[:, None] + torch.arange(N, device=h.device)).reshape(-1)  # (M*N,)
-            h = h.index_put((rows, cols), patch_tokens.reshape(M * N, -1).to(h.dtype))  # (B, S, D)
-        bidirectional = self.cfg.image_attention == "bidirectional"
-        mask = transfusion_mask(batch.img_id, batch.valid, bidirectional, batch.seq)   # (B, S, S)
-        if cache is not None and len(cache):
-            # the cached prefix lies wholly before the new tokens: visible wherever it is valid
-            mask = torch.cat([cache.valid[:, None, :].expand(B, S, -1), mask], dim=2)  # (B, S, L+S)
-        mask = mask[:, None]                                            # (B, 1, S, L+S), shared by heads
+    def forward(self, batch: Batch):
+        """One pass over a batch of mixed sequences (Fig. 3): each modality's own layers in,
+        the shared transformer, each modality's own layers out. Returns text logits
+        (B, S, V) and the predicted noise eps_hat of each image (M, C, I, I)."""
+        h, image_state = self.embed(batch)                              # (B, S, D)
         cos, sin = self.rope_cos[batch.pos][:, None], self.rope_sin[batch.pos][:, None]  # (B, 1, S, Dh/2)
-        for i, block in enumerate(self.blocks):
-            h = block(h, cos, sin, mask, cache, i, commit)
-        if cache is not None and commit:
-            cache.valid = batch.valid if cache.valid is None else torch.cat([cache.valid, batch.valid], dim=1)
+        mask = batch.mask[:, None]                                      # (B, 1, S, S), shared by heads
+        for block in self.blocks:
+            h = block(h, cos, sin, mask)
+        return self.predict(h, batch, image_state)
+
+    def embed(self, batch: Batch):
+        """Text tokens -> their embeddings; each noisy image x_t -> N patch tokens with its
+        timestep, written into the sequence where its patches go. Returns h (B, S, D) and
+        what `predict` needs again for the images: their timestep embedding and U-Net skip."""
+        h = self.tok_emb(batch.tokens)                                  # (B, S, D)
+        M, N = batch.images.shape[0], self.cfg.n_patches
+        if not M:
+            return h, None
+        temb = self.time_emb(batch.t)                                   # (M, D)
+        patch_tokens, skip = self.patches.encode(batch.images, temb)    # (M, N, D)
+        patch_tokens = patch_tokens + self.patch_pos                    # (M, N, D)
+        h = h.index_put(batch.patch_index(N), patch_tokens.reshape(M * N, -1).to(h.dtype))  # (B, S, D)
+        return h, (temb, skip)
+
+    def predict(self, h, batch: Batch, image_state):
+        """The transformer's outputs (B, S, D) -> text logits (B, S, V) at every position, and
+        the predicted noise (M, C, I, I) of each image from the outputs at its patches."""
         h = self.norm(h)
         logits = self.lm_head(h)                                        # (B, S, V)
-        eps = None
-        if M:
-            eps = self.patches.decode(h[rows, cols].view(M, N, -1), temb, skip)  # (M, C, H, W)
+        if image_state is None:
+            return logits, None
+        temb, skip = image_state
+        M, N = batch.images.shape[0], self.cfg.n_patches
+        eps = self.patches.decode(h[batch.patch_index(N)].view(M, N, -1), temb, skip)  # (M, C, I, I)
         return logits, eps
 
-    # sections 6, 8 and 9 as methods: what train_mnist.py and bench.py call
+    # sections 6, 8, 9 and 10 as methods: what train_mnist.py and bench.py call
     def check_batch(self, seqs):
         check_batch(self.cfg, seqs)
 
     def with_markers(self, seq, t_clean=None) -> list:
         return with_markers(self.cfg, seq, t_clean)
 
-    def collate(self, rows, start_pos=None) -> Batch:
-        return collate(self.cfg, rows, self.device, start_pos)
+    def collate(self, seqs, start_pos=None) -> Batch:
+        return collate(self.cfg, seqs, self.device, start_pos)
 
-    def loss(self, seqs: Sequence[Sequence[Segment]], generator: Optional[torch.Generator] = None):
+    def loss(self, seqs: Sequence[Sequence[Segment]], generator: Optional[torch.Generator] = None,
+             packed: bool = False):
         """(total, lm, ddpm) of Eq. 4 on a batch of sequences: `transfusion_loss`, section 8."""
-        return transfusion_loss(self, seqs, generator)
-
-    def generate(self, prompts: Sequence[Sequence[Segment]], **kw):
-        """Continue each prompt with text and images: `generate`, section 9 (keywords there)."""
-        return generate(self, prompts, **kw)
+        return transfusion_loss(self, seqs, generator, packed)
 
     def generate_reference(self, prompt: Sequence[Segment], **kw):
-        """The same for one prompt, slowly and plainly: `generate_reference`, section 9."""
+        """Continue one prompt with text and images: `generate_reference`, section 9."""
         return generate_reference(self, prompt, **kw)
+
+    def generate(self, prompts: Sequence[Sequence[Segment]], **kw):
+        """The same for a batch of prompts, KV-cached: `generate`, section 10 (keywords there)."""
+        return generate(self, prompts, **kw)
 
 
 # ---- 8. The training objective (§3 "Training Objective", Eq. 1-4, §4.3.4) ----
 
 def drop_condition(cfg: TransfusionConfig, seqs, generator=None):
-    """Classifier-free guidance training: with probability cond_drop_prob, a sequence
-    that opens with a caption and then an image becomes BOS <image>: the model also
-    learns the unconditional p(image). What followed the image goes too: in our data
-    the text after an uncaptioned image is its caption (image-first sequences), and
-    training "BOS <image> EOI -> EOS" here would teach the captioner to stop instead.
-    A caption-first sequence of several images keeps only BOS and its first image too:
-    the later images and all text go, so BOS <image> is the one unconditional context the
-    model learns (the decoding loops use it for every image: `unconditional_eps`, section 9)."""
+    """Classifier-free guidance training: with probability cond_drop_prob, a sequence that
+    opens with a caption and then an image becomes BOS <image>, so that the model also
+    learns the unconditional p(image). Everything after the first image goes too: the later
+    text and images belong to a context that no longer exists, and training "BOS <image>
+    EOI -> EOS" would teach a captioner that an uncaptioned image ends a sequence. So
+    BOS <image> is the one unconditional context the model learns, the one the decoding
+    loop contrasts every image with (`unconditional_eps`, section 9)."""
     out = []
     for seq in seqs:
         r = torch.rand((), generator=generator).item()
@@ -737,11 +647,10 @@ def drop_condition(cfg: TransfusionConfig, seqs, generator=None):
 
 def max_timesteps(cfg: TransfusionConfig, seqs) -> List[int]:
     """The noise cap t_max of every image, in order. §4.3.4 (Table 8) caps t at 500 "in the
-    20% of cases where images appear before their captions". Here that is every image of a
-    sequence that opens with an image (nothing but BOS before it), an image-first example:
-    image_first_max_t for each of its images, even one with text before it (in the paired
-    read layout, BOS <img> 2 <img> 0 ; ..., the second image's caption "0" still follows it).
-    Every other image is trained at any t up to T."""
+    20% of cases where images appear before their captions": here every image of a sequence
+    that opens with an image (nothing but BOS before it) gets image_first_max_t, the later
+    images too (text between images does not make a sequence caption-first). Every image of
+    a sequence that opens with text is trained at any t up to T."""
     caps = []
     for seq in seqs:
         # the first segment that is not BOS alone: an image, or the text of a caption
@@ -752,9 +661,10 @@ def max_timesteps(cfg: TransfusionConfig, seqs) -> List[int]:
 
 
 def transfusion_loss(model: Transfusion, seqs: Sequence[Sequence[Segment]],
-                     generator: Optional[torch.Generator] = None):
+                     generator: Optional[torch.Generator] = None, packed: bool = False):
     """L = L_LM + lambda * L_DDPM (Eq. 4) on a batch of interleaved sequences of clean
-    images in [-1, 1]. Returns (total, lm, ddpm)."""
+    images in [-1, 1]. Returns (total, lm, ddpm). packed=True: the same loss, computed on
+    rows that several short sequences share (section 10; float rounding apart)."""
     cfg, device = model.cfg, model.device
     check_batch(cfg, seqs)
     # the noise caps are read from the data as given: an image whose caption is dropped
@@ -769,28 +679,25 @@ def transfusion_loss(model: Transfusion, seqs: Sequence[Sequence[Segment]],
     # each image draws its own t uniformly in 1..t_max and its own noise eps.
     x0 = [seg for seq in seqs for seg in seq if seg.is_floating_point()]
     x0 = (torch.stack(x0).to(device) if x0 else
-          torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device))  # (M, C, H, W)
+          torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device))  # (M, C, I, I)
     t = 1 + (torch.rand(len(t_max), generator=generator) * t_max).long()  # (M,) uniform in 1..t_max
     eps = torch.randn(x0.shape, generator=generator).to(device)
-    xt = add_noise(x0, t.to(device), eps, model.alpha_bar)           # (M, C, H, W), Eq. 2
+    xt = add_noise(x0, t.to(device), eps, model.alpha_bar)           # (M, C, I, I), Eq. 2
     # the same sequences with each clean image replaced by its x_t, in order
     noisy = iter(zip(xt, t.tolist()))
-    rows = [[next(noisy) if isinstance(item, tuple) else item for item in with_markers(cfg, seq)] for seq in seqs]
-    batch = collate(cfg, rows, device, packed=True)   # short sequences share rows: less padding
+    items = [[next(noisy) if isinstance(item, tuple) else item for item in with_markers(cfg, seq)] for seq in seqs]
+    batch = collate(cfg, items, device, packed=packed)
     logits, eps_hat = model(batch)
     return objective(cfg, batch, logits, eps_hat, eps)
 
 
 def objective(cfg: TransfusionConfig, batch: Batch, logits, eps_hat, eps):
-    """Eq. 4 from the model's outputs: (total, lm, ddpm). LM loss per text token (Eq. 1):
-    position i predicts token i+1 where both are text; none where the input is BOI
-    (footnote 8: the next element is a patch), at padding, or into the next sequence of a
-    packed row. Diffusion loss per image (Eq. 3): the MSE over one image's pixels,
-    averaged over images."""
-    is_text = batch.valid & (batch.img_id < 0)                      # (B, S)
-    has_target = is_text[:, :-1] & is_text[:, 1:] & (batch.tokens[:, :-1] != cfg.boi_id)  # (B, S-1)
-    has_target = has_target & (batch.seq[:, :-1] == batch.seq[:, 1:])   # not across packed sequences
-    lm = (F.cross_entropy(logits[:, :-1][has_target].float(), batch.tokens[:, 1:][has_target])  # Eq. 1
+    """Eq. 4 from the model's outputs: (total, lm, ddpm). LM loss: the cross-entropy of each
+    text position's next token (Eq. 1), where `collate` set a target (none where the input
+    is BOI, footnote 8, at patches or at padding). Diffusion loss per image (Eq. 3): the MSE
+    over one image's pixels, averaged over images, so each image weighs the same."""
+    has_target = batch.targets >= 0                                  # (B, S)
+    lm = (F.cross_entropy(logits[has_target].float(), batch.targets[has_target])  # Eq. 1
           if has_target.any() else torch.zeros((), device=logits.device))
     if eps_hat is not None and eps_hat.shape[0]:
         ddpm = (eps_hat.float() - eps).pow(2).mean(dim=(1, 2, 3)).mean()  # Eq. 3
@@ -799,9 +706,54 @@ def objective(cfg: TransfusionConfig, batch: Batch, logits, eps_hat, eps):
     return lm + cfg.lam * ddpm, lm, ddpm                            # Eq. 4
 
 
-# ---- 9. Decoding (§3 "Inference") ----
-# Two modes: LM mode samples tokens; BOI switches to diffusion mode, EOI back. Read
-# `generate_reference` (one prompt) first; `generate` is the same for a batch, KV-cached.
+# ---- 9. Decoding (§3 "Inference"): samplers, guidance, the decoding loop ----
+# LM mode samples tokens; BOI switches to diffusion mode, which appends N patches of pure
+# noise and denoises them step by step; EOI switches back. `generate_reference` is that
+# loop for one prompt, written to be read beside the paper's paragraph.
+
+def sampling_timesteps(T: int, steps: int) -> List[Tuple[int, int]]:
+    """(t, t_prev) pairs from T down to 0 in `steps` evenly spaced jumps, the
+    "respacing" of Nichol & Dhariwal (§4.1: 250 steps of the 1000 trained)."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    ts = torch.linspace(T, 1, steps).round().long().tolist()
+    return list(zip(ts, ts[1:] + [0]))
+
+
+def predict_x0(xt, eps, ab_t):
+    """Invert Eq. 2 for x_0 given the predicted noise; clipped to the data range [-1, 1] (docstring)."""
+    return ((xt - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)
+
+
+def ddpm_step(xt, eps, t: int, t_prev: int, alpha_bar, noise):
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2), on a respaced schedule:
+    x_{t_prev} ~ q(x_{t_prev} | x_t, x0_hat), the Gaussian posterior around the predicted
+    x_0 (Ho et al.'s Eq. 6-7, with beta the jump's: 1 - alpha_bar_t / alpha_bar_{t_prev})."""
+    ab_t, ab_prev = alpha_bar[t], alpha_bar[t_prev]
+    beta = 1 - ab_t / ab_prev                                           # beta of the jump t_prev -> t
+    x0 = predict_x0(xt, eps, ab_t)
+    mean = (ab_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab_prev) * xt) / (1 - ab_t)
+    if t_prev == 0:
+        return mean
+    var = beta * (1 - ab_prev) / (1 - ab_t)
+    return mean + var.sqrt() * noise
+
+
+def ddim_step(xt, eps, t: int, t_prev: int, alpha_bar, noise=None):
+    """Deterministic DDIM (Song et al. 2021, eta = 0): jump to t_prev along the predicted noise."""
+    ab_t, ab_prev = alpha_bar[t], alpha_bar[t_prev]
+    x0 = predict_x0(xt, eps, ab_t)
+    eps = (xt - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()                  # the noise consistent with the clipped x0
+    return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+
+
+SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
+
+
+def classifier_free_guidance(eps_cond, eps_uncond, scale: float):
+    """Ho & Salimans 2022: push the prediction away from the unconditional one (§2.2, §4.1)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
 
 def sample_token(logits, temperature: float, top_k: Optional[int], generator):
     """LM mode: greedy (the paper's choice for text, §4.1) or temperature / top-k sampling.
@@ -826,16 +778,14 @@ def append_text(out: list, tok: int):
 
 
 def unconditional_eps(model: Transfusion, x, t: int):
-    """eps_hat of the images x_t (M, C, H, W) in the unconditional context of classifier-free
-    guidance, BOS BOI <x_t>: no text and no earlier images, for the first image of a sequence
-    and for every later one alike. Condition dropout (drop_condition) turns a caption-first
-    sequence into BOS <its first image> and nothing else, so this is the one unconditional
-    context the model is trained on. Guidance therefore pushes each image toward everything
-    in its real context: the text before it (e.g. the digit just before BOI) and the earlier
-    images. Two tokens: not worth a KV cache."""
+    """eps_hat of the images x_t (M, C, I, I) in the unconditional context of classifier-free
+    guidance, BOS BOI <x_t>: no text and no earlier image, for the first image of a sequence
+    and a later one alike. It is the context condition dropout trains (drop_condition,
+    section 8), so guidance pushes each image toward all of its real context: the text
+    before it and the earlier images."""
     cfg = model.cfg
     context = torch.tensor([cfg.bos_id, cfg.boi_id])
-    return model(collate(cfg, [[context, (xi, t)] for xi in x], model.device))[1]  # (M, C, H, W)
+    return model(collate(cfg, [[context, (xi, t)] for xi in x], model.device))[1]  # (M, C, I, I)
 
 
 def check_decoding(model: Transfusion, prompts, sampler: str, steps: int) -> List[Tuple[int, int]]:
@@ -848,18 +798,22 @@ def check_decoding(model: Transfusion, prompts, sampler: str, steps: int) -> Lis
 
 @torch.no_grad()
 def generate_reference(model: Transfusion, prompt: Sequence[Segment], *, max_new_tokens: int = 32,
-                       steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 3.0,
+                       steps: int = 250, sampler: str = "ddpm", guidance_scale: float = 3.0,
                        temperature: float = 0.0, top_k: Optional[int] = None,
-                       generator: Optional[torch.Generator] = None, use_cache: bool = True, on_step=None):
-    """§3 "Inference" for ONE prompt, to be read beside the paper: no batch, no KV cache (use_cache
-    is ignored), the whole sequence recomputed at every step. It stops at EOS, after
-    max_new_tokens tokens, or when the sequence is full. Same arguments, result and use of the
-    random generator as `generate`; a test holds the two equal."""
+                       generator: Optional[torch.Generator] = None, on_step=None,
+                       cfg_scale: Optional[float] = None, use_cache: bool = True):
+    """§3 "Inference" for ONE prompt, plainly: the whole sequence is recomputed at every
+    step. Returns the prompt followed by what was generated, as segments (token tensors
+    without BOI/EOI, images (C, I, I) in [-1, 1]). It stops at EOS, after max_new_tokens
+    tokens, or when the sequence is full. `on_step(t_prev, x)`, if given, sees the image
+    after each denoising step. cfg_scale is guidance_scale's earlier name; use_cache is
+    ignored (`generate`, section 10, takes the same arguments). A test holds the two equal."""
+    guidance_scale = guidance_scale if cfg_scale is None else cfg_scale
     cfg, N, device = model.cfg, model.cfg.n_patches, model.device
     schedule = check_decoding(model, [prompt], sampler, steps)
     items, out = with_markers(cfg, prompt), list(prompt)  # what the model reads; what we return
 
-    def read(items):  # the model on the whole sequence: logits (1, S, V), eps_hat (M, C, H, W)
+    def read(items):  # the model on the whole sequence: logits (1, S, V), eps_hat (M, C, I, I)
         return model(collate(cfg, [items], device))
 
     for _ in range(max_new_tokens):
@@ -873,9 +827,9 @@ def generate_reference(model: Transfusion, prompt: Sequence[Segment], *, max_new
         if tok == cfg.boi_id:  # diffusion mode: append N patches of pure noise x_T, denoise for `steps`
             x = torch.randn(1, cfg.channels, cfg.image_size, cfg.image_size, generator=generator).to(device)
             for t, t_prev in schedule:
-                eps = read(items + [(x[0], t)])[1][-1:]                     # (1, C, H, W) the last image's
-                if cfg_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
-                    eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), cfg_scale)
+                eps = read(items + [(x[0], t)])[1][-1:]                     # (1, C, I, I) the last image's
+                if guidance_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
+                    eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), guidance_scale)
                 noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
                 x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise)  # x_{t_prev} overwrites x_t
                 if on_step is not None:
@@ -888,6 +842,105 @@ def generate_reference(model: Transfusion, prompt: Sequence[Segment], *, max_new
             if tok == cfg.eos_id:
                 break
     return out
+
+
+# ---- 10. Speed: packing, the KV cache, batched decoding ----
+# Nothing here changes what the method computes, up to float rounding; tests hold each
+# piece equal to sections 6-9: a packed batch's loss and gradients to the padded batch's,
+# KV-cached logits to a full forward pass, `generate` to `generate_reference`.
+
+def pack(lengths: Sequence[int], capacity: int) -> List[Tuple[int, int]]:
+    """First-fit decreasing: put sequences of these lengths into as few rows of
+    `capacity` positions as it finds. Returns (row, offset) for each sequence."""
+    assert max(lengths) <= capacity, "a sequence longer than a row"
+    ends, where = [], [None] * len(lengths)           # ends[r]: the positions row r has filled
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, end in enumerate(ends) if end + lengths[i] <= capacity), len(ends))
+        if r == len(ends):
+            ends.append(0)
+        where[i] = (r, ends[r])
+        ends[r] += lengths[i]
+    return where
+
+
+def pack_batch(cfg: TransfusionConfig, batch: Batch) -> Batch:
+    """The padded batch's sequences with short ones sharing rows, none longer than the
+    longest sequence, so that a training step computes less padding. Each sequence keeps
+    its positions (RoPE restarts at 0), its LM targets and its own mask as a block on the
+    diagonal, so it sees only itself: the loss and its gradients are the padded batch's.
+    Images keep their order m; only their place in the batch moves."""
+    B, S = batch.tokens.shape
+    lengths = batch.valid.sum(1).tolist()
+    where = pack(lengths, capacity=S)
+    R = 1 + max(r for r, _ in where)
+    rows = torch.tensor([r for r, _ in where], device=batch.tokens.device)    # (B,) new row of each sequence
+    offsets = torch.tensor([o for _, o in where], device=batch.tokens.device)  # (B,) and its first column
+    cols = offsets[:, None] + torch.arange(S, device=batch.tokens.device)     # (B, S)
+    v = batch.valid
+
+    def move(x, fill):  # (B, S) -> (R, S): each sequence's positions to their new place
+        out = torch.full((R, S), fill, dtype=x.dtype, device=x.device)
+        out[rows[:, None].expand(B, S)[v], cols[v]] = x[v]
+        return out
+
+    valid = move(v, False)
+    mask = torch.eye(S, dtype=torch.bool, device=v.device).repeat(R, 1, 1)     # (R, S, S): padding sees itself
+    for b, (r, o) in enumerate(where):
+        n = lengths[b]
+        mask[r, o:o + n, o:o + n] = batch.mask[b, :n, :n]
+    return Batch(tokens=move(batch.tokens, cfg.pad_id), img_id=move(batch.img_id, -1), valid=valid,
+                 pos=move(batch.pos, 0), mask=mask, targets=move(batch.targets, -1), images=batch.images,
+                 t=batch.t, img_row=rows[batch.img_row], img_col=offsets[batch.img_row] + batch.img_col)
+
+
+class KVCache:
+    """Keys and values of the tokens decoded so far, one pair per layer.
+
+    `valid` (B, L) marks real columns. Every call adds a column for every row, so a
+    row that sat a call out (its sequence ended, or waits while others decode) leaves
+    invalid columns behind that no later query may attend to.
+    """
+
+    def __init__(self):
+        self.k: List[torch.Tensor] = []   # per layer (B, H, L, Dh)
+        self.v: List[torch.Tensor] = []
+        self.valid: Optional[torch.Tensor] = None
+
+    def __len__(self):
+        return 0 if self.valid is None else self.valid.shape[1]
+
+    def extend(self, layer: int, k, v, commit: bool):
+        """Keys/values of the cache followed by the new ones; stored if `commit`."""
+        if layer < len(self.k):
+            k = torch.cat([self.k[layer], k], dim=2)                     # (B, H, L+S, Dh)
+            v = torch.cat([self.v[layer], v], dim=2)
+            if commit:
+                self.k[layer], self.v[layer] = k, v
+        elif commit:
+            self.k.append(k)
+            self.v.append(v)
+        return k, v
+
+
+def forward_cached(model: Transfusion, batch: Batch, cache: KVCache, commit: bool = True):
+    """Transfusion.forward for a batch that continues the cached rows: the new positions
+    attend to the cache and to each other, and only they are computed. `commit` stores
+    their keys and values (a denoising step does not: its x_t is replaced next step)."""
+    B, S = batch.tokens.shape
+    h, image_state = model.embed(batch)                                 # (B, S, D)
+    cos, sin = model.rope_cos[batch.pos][:, None], model.rope_sin[batch.pos][:, None]  # (B, 1, S, Dh/2)
+    mask = batch.mask
+    if len(cache):  # the cached prefix lies wholly before the new tokens: visible wherever it is valid
+        mask = torch.cat([cache.valid[:, None, :].expand(B, S, -1), mask], dim=2)  # (B, S, L+S)
+    mask = mask[:, None]                                                # (B, 1, S, L+S)
+    for i, block in enumerate(model.blocks):  # Block.forward, with the cache's keys and values
+        q, k, v = block.attn.qkv(block.attn_norm(h), cos, sin)
+        k, v = cache.extend(i, k, v, commit)                            # (B, H, L+S, Dh)
+        h = h + block.attn.attend(q, k, v, mask)
+        h = h + block.mlp(block.mlp_norm(h))
+    if commit:
+        cache.valid = batch.valid if cache.valid is None else torch.cat([cache.valid, batch.valid], dim=1)
+    return model.predict(h, batch, image_state)
 
 
 @dataclass
@@ -919,13 +972,13 @@ def take_token(cfg: TransfusionConfig, row: Row, tok: int, max_new_tokens: int) 
 
 def run_rows(model: Transfusion, history: List[list], new: List[list], cache: Optional[KVCache], commit: bool):
     """Model outputs for the items new[b] appended to each row's history[b]: text logits at
-    each row's last new position (B, V) and eps_hat of the images in `new` (M, C, H, W), row
+    each row's last new position (B, V) and eps_hat of the images in `new` (M, C, I, I), row
     by row. With a KV cache that holds the history, only `new` is computed; without one,
     every row is recomputed from its start."""
     cfg, device = model.cfg, model.device
     start = [n_positions(cfg, h) for h in history]
     if cache is not None:
-        logits, eps = model(collate(cfg, new, device, start_pos=start), cache, commit)
+        logits, eps = forward_cached(model, collate(cfg, new, device, start_pos=start), cache, commit)
         last = [max(n_positions(cfg, n) - 1, 0) for n in new]
     else:
         batch = collate(cfg, [h + n for h, n in zip(history, new)], device)
@@ -938,14 +991,15 @@ def run_rows(model: Transfusion, history: List[list], new: List[list], cache: Op
 
 @torch.no_grad()
 def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_new_tokens: int = 32,
-             steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 3.0,
+             steps: int = 250, sampler: str = "ddpm", guidance_scale: float = 3.0,
              temperature: float = 0.0, top_k: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, use_cache: bool = True, on_step=None):
-    """Continue each prompt with text and images (§3 "Inference"), as `generate_reference`
-    does, for a batch and with a KV cache. Each row takes its own path; rows that opened an
-    image wait until no row is writing, then draw together. Returns each prompt followed by
-    what was generated, as segments (token tensors without BOI/EOI, images (C, H, W) in
-    [-1, 1]). `on_step(t_prev, x)`, if given, sees the images after each denoising step."""
+             generator: Optional[torch.Generator] = None, on_step=None,
+             cfg_scale: Optional[float] = None, use_cache: bool = True):
+    """`generate_reference` for a batch of prompts, with a KV cache (use_cache=False:
+    recompute every row from its start). Each row takes its own path; rows that opened an
+    image wait until no row is writing, then draw together. Same arguments, result and use
+    of the random generator as `generate_reference`."""
+    guidance_scale = guidance_scale if cfg_scale is None else cfg_scale
     cfg, device = model.cfg, model.device
     schedule = check_decoding(model, prompts, sampler, steps)
     rows = [Row(items=[], out=list(p)) for p in prompts]
@@ -966,14 +1020,14 @@ def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_ne
             # x_{t_prev} overwrites x_t (the model only ever sees the current noisy image)
             drawing = [b for b, r in enumerate(rows) if r.mode == "image"]
             x = torch.randn(len(drawing), cfg.channels, cfg.image_size, cfg.image_size,
-                            generator=generator).to(device)             # (M, C, H, W)
+                            generator=generator).to(device)             # (M, C, I, I)
             for t, t_prev in schedule:
                 at_t = [[] for _ in rows]
                 for i, b in enumerate(drawing):
                     at_t[b] = [(x[i], t)]
                 _, eps = run_rows(model, [r.items for r in rows], at_t, cache, commit=False)
-                if cfg_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
-                    eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), cfg_scale)
+                if guidance_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
+                    eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), guidance_scale)
                 noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
                 x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise)
                 if on_step is not None:
