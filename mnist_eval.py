@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-import train_mnist as tm
+import mnist_numbers as mn
 from transfusion import transfusion_mask
 
 
@@ -83,7 +83,7 @@ def load_or_train_referee(args, log=print):
         referee.load_state_dict(torch.load(path, weights_only=True))
         log(f"referee loaded from {path}")
         return referee.eval()
-    x_u8, y = tm.load_digits(args.data_dir, train=True, dataset=args.dataset)
+    x_u8, y = mn.load_digits(args.data_dir, train=True, dataset=args.dataset)
     referee = train_referee(x_u8.float().div(255).unsqueeze(1), y, args.referee_epochs, log=log)
     os.makedirs(args.out, exist_ok=True)
     torch.save(referee.state_dict(), path)
@@ -119,7 +119,7 @@ def random_numbers(n, k=4, seed=0):
 
 def evaluate(model, args, log=print):
     """Every metric of the module docstring; returns them with the samples for the pictures."""
-    test_u8, test_y = tm.load_digits(args.data_dir, train=False, dataset=args.dataset)
+    test_u8, test_y = mn.load_digits(args.data_dir, train=False, dataset=args.dataset)
     test_x = test_u8.float().div(255).unsqueeze(1)                      # (n, 1, 28, 28) in [0, 1]
     t0 = time.time()
     referee = load_or_train_referee(args, log)
@@ -132,9 +132,9 @@ def evaluate(model, args, log=print):
     t0 = time.time()
     labels = torch.arange(10).repeat_interleave(args.eval_per_label)
     if len(labels):
-        fake = tm.generate_digits(model, labels)
+        fake = mn.generate_digits(model, labels)
         m["gen_acc"] = float((batched(referee, fake).argmax(1) == labels).float().mean())
-        train_u8, train_y = tm.load_digits(args.data_dir, train=True, dataset=args.dataset)
+        train_u8, train_y = mn.load_digits(args.data_dir, train=True, dataset=args.dataset)
         g = torch.Generator().manual_seed(0)
         real_idx = torch.cat([(train_y == d).nonzero().flatten()[torch.randperm(int((train_y == d).sum()), generator=g)]
                               [:args.eval_per_label] for d in range(10)])
@@ -150,7 +150,7 @@ def evaluate(model, args, log=print):
     t0 = time.time()
     n = min(args.eval_captions, len(test_y))
     if n:
-        m["caps"] = tm.caption_digits(model, test_x[:n])
+        m["caps"] = mn.caption_digits(model, test_x[:n])
         m["caption_acc"] = float((m["caps"] == test_y[:n]).float().mean())
         log(f"caption accuracy {m['caption_acc']:.2%} on {n} test digits ({time.time() - t0:.0f} s)")
 
@@ -158,10 +158,10 @@ def evaluate(model, args, log=print):
     t0 = time.time()
     if args.eval_numbers:
         numbers = random_numbers(args.eval_numbers, seed=0)
-        drawn = tm.draw_numbers(model, numbers, seed=1)
+        drawn = mn.draw_numbers(model, numbers, seed=1)
         right_count, digit_ok = [], []
         for number, (imgs, seq) in zip(numbers, drawn):
-            stopped = not seq[-1].is_floating_point() and int(seq[-1][-1]) == tm.EOS
+            stopped = not seq[-1].is_floating_point() and int(seq[-1][-1]) == mn.EOS
             right_count.append(len(imgs) == len(number) and stopped)
             read = batched(referee, imgs).argmax(1).tolist() if len(imgs) else []
             digit_ok.append([j < len(read) and read[j] == int(c) for j, c in enumerate(number)])
@@ -181,7 +181,7 @@ def evaluate(model, args, log=print):
         g = torch.Generator().manual_seed(2)
         idx = torch.randint(0, len(test_y), (args.eval_reading, 4), generator=g)
         truth = ["".join(map(str, row)) for row in test_y[idx].tolist()]
-        read, seqs = zip(*tm.read_numbers(model, list(test_x[idx]), with_sequences=True))  # each (4, 1, 28, 28)
+        read, seqs = zip(*mn.read_numbers(model, list(test_x[idx]), with_sequences=True))  # each (4, 1, 28, 28)
         m["read_exact"] = sum(r == t for r, t in zip(read, truth)) / len(truth)
         m["read_digit"] = sum(j < len(r) and r[j] == c for r, t in zip(read, truth)
                               for j, c in enumerate(t)) / (4 * len(truth))
@@ -242,14 +242,14 @@ def mask_figure(model):
     from matplotlib.colors import ListedColormap
     cfg = model.cfg
     img = torch.zeros(cfg.channels, cfg.image_size, cfg.image_size)
-    seq = tm.number_sequence(torch.stack([img, img]), torch.tensor([2, 0]), caption_first=True)
+    seq = mn.number_sequence(torch.stack([img, img]), torch.tensor([2, 0]), caption_first=True)
     batch = model.collate([model.with_markers(seq)])
     mask = transfusion_mask(batch.img_id, batch.valid, cfg.image_attention == "bidirectional")[0].cpu()  # (S, S)
     is_img = (batch.img_id[0] >= 0).cpu()
     kind = torch.zeros_like(mask, dtype=torch.long)                     # 0: blocked
     kind[mask] = 1                                                      # 1: causal
     kind[mask & is_img[:, None] & is_img[None, :] & ~torch.ones_like(mask).tril()] = 2  # 2: within an image
-    names = [tm.VOCAB[t] if not f else "" for t, f in zip(batch.tokens[0].tolist(), is_img.tolist())]
+    names = [mn.VOCAB[t] if not f else "" for t, f in zip(batch.tokens[0].tolist(), is_img.tolist())]
     fig = Figure(figsize=(6.5, 6.5))
     ax = fig.subplots()
     ax.imshow(kind.numpy(), cmap=ListedColormap(["white", "#4C72B0", "#DD8452"]), vmin=0, vmax=2)
@@ -270,7 +270,7 @@ def sequence_items(seq, names=None):
         if s.is_floating_point():
             items.append(((s.float().cpu() + 1) / 2).clamp(0, 1))
         else:
-            items.append(tm.tokens_text(s.tolist(), names))
+            items.append(mn.tokens_text(s.tolist(), names))
     return items
 
 
@@ -320,7 +320,7 @@ def pictures(model, m, hist, out, names=None, log=print):
         save(grid_figure(m["test_x"][:k], ncol=10, titles=[label(int(c)) if c >= 0 else "?" for c in m["caps"][:k]],
                          title="test digits and the captions the model wrote"), "captions.png")
     frames = []
-    tm.generate_digits(model, torch.tensor([7]), on_step=lambda t, x: frames.append(((x[:1].cpu() + 1) / 2).clamp(0, 1)))
+    mn.generate_digits(model, torch.tensor([7]), on_step=lambda t, x: frames.append(((x[:1].cpu() + 1) / 2).clamp(0, 1)))
     if frames:
         pick = sorted(set(round(i) for i in torch.linspace(0, len(frames) - 1, min(8, len(frames))).tolist()))
         save(grid_figure(torch.cat([frames[i] for i in pick]), ncol=len(pick), cell=1.4,
@@ -337,8 +337,8 @@ def pictures(model, m, hist, out, names=None, log=print):
         titles = [f"true {t}, read {r} {'(right)' if t == r else '(WRONG)'}" for _, t, r in m["reading"]]
         save(sequences_figure(rows, titles, title="handwritten test numbers read: the whole sequence, "
                                                   "the model's text between the given images"), "reading.png")
-    free = model.generate([[torch.tensor([tm.BOS])] for _ in range(12)], max_new_tokens=16, temperature=1.0,
-                          generator=torch.Generator().manual_seed(3), **tm._sampling(model, None, None, None))
+    free = model.generate([[torch.tensor([mn.BOS])] for _ in range(12)], max_new_tokens=16, temperature=1.0,
+                          generator=torch.Generator().manual_seed(3), **mn._sampling(model))
     save(sequences_figure([sequence_items(s, names) for s in free],
                           title="free generation from BOS alone (text sampled at temperature 1)"), "free.png")
     if hist and hist["step"]:
@@ -349,14 +349,14 @@ def pictures(model, m, hist, out, names=None, log=print):
 def cfg_sweep(model, args, scales, log=print):
     """Label->image accuracy and Frechet distance at each guidance scale (one checkpoint, the
     same labels and seeds at every scale), and cfg_sweep.png: one row per scale."""
-    test_u8, _ = tm.load_digits(args.data_dir, train=False, dataset=args.dataset)
+    test_u8, _ = mn.load_digits(args.data_dir, train=False, dataset=args.dataset)
     referee = load_or_train_referee(args, log)
     f_test = batched(referee.features, test_u8.float().div(255).unsqueeze(1))
     labels = torch.arange(10).repeat_interleave(args.eval_per_label)
     rows, results = [], []
     for s in scales:
         t0 = time.time()
-        fake = tm.generate_digits(model, labels, cfg_scale=s, seed=0)
+        fake = mn.generate_digits(model, labels, guidance_scale=s, seed=0)
         acc = float((batched(referee, fake).argmax(1) == labels).float().mean())
         fd = frechet_distance(batched(referee.features, fake), f_test)
         results.append((s, acc, fd))
@@ -373,7 +373,7 @@ def report(model, args, state, log=print):
     """Evaluate, save the pictures, print the results table of a run."""
     t0 = time.time()
     m = evaluate(model, args, log)
-    names = tm.FASHION if args.dataset == "fashion" else None
+    names = mn.FASHION if args.dataset == "fashion" else None
     pictures(model, m, state["hist"] if state else None, args.out, names, log)
     t_eval = time.time() - t0
     lines = [f"\nresults ({args.out}):"]

@@ -616,7 +616,7 @@ def test_training_sequences_follow_the_paper_mix():
     import train_mnist as tm
     g = torch.Generator().manual_seed(0)
     imgs, labels = torch.zeros(4000, 1, 28, 28), torch.arange(4000) % 10
-    seqs = tm.make_sequences(imgs, labels, g)
+    seqs = tm.make_sequences(imgs, labels, g, p_caption_first=0.8)
     caption_first = sum(s[0].numel() > 1 for s in seqs) / len(seqs)   # BOS <number> ; ...
     assert 0.77 < caption_first < 0.83                 # §4.1: caption first 80% of the time
     sizes = [sum(x.is_floating_point() for x in s) for s in seqs]

@@ -32,92 +32,12 @@ import time
 
 import torch
 
+import mnist_eval
+from mnist_numbers import (BOI, BOS, EOI, EOS, FASHION, LAYOUTS, PAD, SAMPLING, SEP, VOCAB, MissingData,  # noqa: F401
+                           as_model_images, caption_digits, draw_number, draw_numbers, generate_digits, layout_of,
+                           load_digits, make_sequences, mnist_config, number_sequence, read_number,
+                           read_numbers, seq_len_needed, to_model_range, tokens_text)
 from transfusion import Transfusion, TransfusionConfig
-
-# vocabulary: the ten digits (or Fashion-MNIST classes) are their own ids, then the special tokens
-VOCAB = [str(d) for d in range(10)] + ["<pad>", "<bos>", "<boi>", "<eoi>", "<eos>", ";"]
-PAD, BOS, BOI, EOI, EOS, SEP = 10, 11, 12, 13, 14, 15
-FASHION = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
-
-# how a trained model samples unless told otherwise (README "Results": DDPM, 100 of 1000 steps)
-SAMPLING = dict(steps=100, cfg_scale=1.75, sampler="ddpm")
-# paired: each image beside its digit, both ways (above). read-grouped: reading as
-# BOS <img> <img> ; 2 0 EOS instead (the default before; docs/numbers.md). grouped: drawing
-# as BOS 2 0 ; <img> <img> EOS too.
-LAYOUTS = ("paired", "read-grouped", "grouped")
-
-
-# ---------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------
-
-class MissingData(Exception):
-    pass
-
-
-def load_digits(data_dir: str, train: bool, dataset: str = "mnist", download: bool = True):
-    """MNIST (or Fashion-MNIST) as uint8 images (N, 28, 28) and int64 labels (N,), via torchvision."""
-    try:
-        from torchvision.datasets import MNIST, FashionMNIST
-    except ImportError as e:
-        raise MissingData("torchvision is needed to read MNIST: pip install -r requirements.txt") from e
-    cls = FashionMNIST if dataset == "fashion" else MNIST
-    try:
-        ds = cls(data_dir, train=train, download=download)
-    except Exception as e:  # no network, bad files, ...
-        raw = os.path.join(os.path.abspath(data_dir), cls.__name__, "raw")
-        raise MissingData(
-            f"could not load {cls.__name__} from {os.path.abspath(data_dir)} ({type(e).__name__}: {e}).\n"
-            f"Put the four files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-            f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (optionally .gz) in {raw} and run again.") from e
-    return ds.data, ds.targets
-
-
-def to_model_range(images_u8):
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [-1, 1], the diffusion data range."""
-    return images_u8.float().div(127.5).sub(1).unsqueeze(1)
-
-
-def number_sequence(images, digits, caption_first: bool, layout: str = "paired"):
-    """One training sequence for a number: its images (k, 1, 28, 28) and digits (k,).
-    Neighbouring text is one segment: [BOS, 2, 0, SEP, 2], <img>, [0], <img>, [EOS]."""
-    digits = digits.tolist()
-    if not caption_first and layout == "paired":  # read: each image, then its digit; then the number
-        seq = [torch.tensor([BOS])]
-        for d, img in zip(digits, images):
-            seq += [img, torch.tensor([d])]
-        return seq[:-1] + [torch.tensor([digits[-1], SEP, *digits, EOS])]
-    if not caption_first:   # read, grouped: the images, then the number
-        return [torch.tensor([BOS]), *images, torch.tensor([SEP, *digits, EOS])]
-    if layout == "grouped":  # draw: the number, then its images
-        return [torch.tensor([BOS, *digits, SEP]), *images, torch.tensor([EOS])]
-    seq, text = [], [BOS, *digits, SEP]   # draw, "paired": each image right after its own digit
-    for d, img in zip(digits, images):
-        seq += [torch.tensor(text + [d]), img]
-        text = []
-    return seq + [torch.tensor([EOS])]
-
-
-def make_sequences(images, labels, gen, max_digits: int = 4, p_caption_first: float = 0.8,
-                   layout: str = "paired"):
-    """Digits (n, 1, 28, 28) in [-1, 1] and labels (n,) -> numbers of k = 1..max_digits digits
-    (k uniform), every digit used once. Caption first with probability p_caption_first (§4.1
-    "Data": 80% of the time)."""
-    seqs, i, n = [], 0, len(labels)
-    while i < n:
-        k = min(int(torch.randint(1, max_digits + 1, (), generator=gen)), n - i)
-        caption_first = float(torch.rand((), generator=gen)) < p_caption_first
-        seqs.append(number_sequence(images[i:i + k], labels[i:i + k], caption_first, layout))
-        i += k
-    return seqs
-
-
-def seq_len_needed(n_patches: int, max_digits: int) -> int:
-    """Positions of the longest training sequence (paired, caption first), plus room for one
-    more digit and image, so that a model that draws one image too many is seen doing it."""
-    k = max_digits + 1
-    return 1 + k + 1 + k * (1 + n_patches + 2) + 1
-
 
 # ---------------------------------------------------------------------------
 # Optimisation (§4.1 "Optimization")
@@ -155,14 +75,6 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("mps")
     return torch.device("cpu")
 
-
-def mnist_config(**overrides) -> TransfusionConfig:
-    """The model config for 28x28 digits with the vocabulary above."""
-    P = overrides.get("patch_size", TransfusionConfig.patch_size)
-    base = dict(vocab_size=len(VOCAB), pad_id=PAD, bos_id=BOS, boi_id=BOI, eoi_id=EOI, eos_id=EOS,
-                image_size=28, channels=1, max_seq_len=seq_len_needed((28 // P) ** 2 if P > 0 else 1, 4))
-    base.update(overrides)
-    return TransfusionConfig(**base)
 
 
 MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "patch_encoder",
@@ -398,121 +310,6 @@ def load_checkpoint(path, device="cpu") -> Transfusion:
     return build_model(read_checkpoint(path, device), path).to(device)
 
 
-def _sampling(model, steps, cfg_scale, sampler):
-    d = {**SAMPLING, **getattr(model, "sample_defaults", {})}
-    return dict(steps=steps or d["steps"], cfg_scale=d["cfg_scale"] if cfg_scale is None else cfg_scale,
-                sampler=sampler or d["sampler"])
-
-
-def _as_model_image(x, device):
-    return (x.float() * 2 - 1).to(device)   # [0, 1] -> the model's [-1, 1]
-
-
-@torch.no_grad()
-def draw_numbers(model, numbers, *, steps=None, cfg_scale=None, sampler=None, batch_size=250, seed=0,
-                 on_step=None, use_cache=True):
-    """Draw each number (a string of digits): the prompt is BOS <digits> ; and the model itself
-    opens each image and decides when to stop (Transfusion.generate, §3 "Inference").
-    Returns, per number, (images (k, 1, 28, 28) in [0, 1], the full generated sequence):
-    k is what the model drew, never padded."""
-    kw = _sampling(model, steps, cfg_scale, sampler)
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, len(numbers), batch_size):
-        chunk = numbers[i:i + batch_size]
-        prompts = [[torch.tensor([BOS] + [int(c) for c in n] + [SEP])] for n in chunk]
-        longest = max(len(n) for n in chunk)
-        seqs = model.generate(prompts, max_new_tokens=2 * longest + 3, generator=gen, on_step=on_step,
-                              use_cache=use_cache, **kw)
-        for seq in seqs:
-            imgs = [((s.float().cpu() + 1) / 2).clamp(0, 1) for s in seq if s.is_floating_point()]
-            out.append((torch.stack(imgs) if imgs else torch.zeros(0, 1, 28, 28), seq))
-    return out
-
-
-def draw_number(model, number: str, **kw):
-    """The images (k, 1, 28, 28) in [0, 1] the model draws for one number, e.g. "2026"."""
-    number = str(number)
-    if not number.isdigit():
-        raise ValueError(f"a number is a string of digits 0-9, not {number!r}")
-    return draw_numbers(model, [number], **kw)[0][0]
-
-
-def layout_of(model) -> str:
-    """The layout a model was trained on (its checkpoint's --layout), which says how to prompt it."""
-    return getattr(model, "sample_defaults", {}).get("layout", "paired")
-
-
-@torch.no_grad()
-def read_numbers(model, numbers, *, batch_size=500, with_sequences=False):
-    """Read handwritten numbers: each a tensor (k, 1, 28, 28) in [0, 1]. The images come as
-    the training data has them, then SEP ("these are all the images, write the number now"),
-    and the model writes the number (greedy, §4.1) and EOS:
-        paired layout: BOS <img> -> the model writes its digit, "2"; then the next image,
-            and the model writes "0"; ...; then SEP. Each call of generate continues the
-            sequence so far: the model reads each image as it comes, beside it.
-        grouped layouts: BOS <img> ... <img> SEP, in one call.
-    Returns strings of the digits written after SEP, up to EOS ("" if none; "?" marks a
-    non-digit); with_sequences: (string, the whole sequence) pairs, for pictures."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(numbers), batch_size):
-        chunk = numbers[i:i + batch_size]
-        if layout_of(model) == "paired":
-            seqs = [[torch.tensor([BOS])] for _ in chunk]
-            for j in range(max(len(x) for x in chunk)):
-                rows = [r for r, imgs in enumerate(chunk) if j < len(imgs)]
-                prompts = [seqs[r] + [_as_model_image(chunk[r][j], device)] for r in rows]
-                for r, p, seq in zip(rows, prompts, model.generate(prompts, max_new_tokens=1, steps=1)):
-                    # one token: its digit, we hope. Had it opened an image instead, the image it
-                    # drew is dropped: the next image is the reader's, not the model's
-                    seqs[r] = p + [s for s in seq[len(p):] if not s.is_floating_point()]
-        else:
-            seqs = [[torch.tensor([BOS])] + [_as_model_image(x, device) for x in imgs] for imgs in chunk]
-        prompts = [s + [torch.tensor([SEP])] for s in seqs]
-        seqs = model.generate(prompts, max_new_tokens=max(len(x) for x in chunk) + 1, steps=1)
-        for p, seq in zip(prompts, seqs):
-            written = seq[len(p) - 1][1:].tolist()       # the text after SEP, up to an image if one was opened
-            text = ""
-            for tok in written:
-                if tok == EOS:
-                    break
-                text += str(tok) if tok < 10 else "?"
-            out.append((text, seq) if with_sequences else text)
-    return out
-
-
-def read_number(model, images) -> str:
-    """The number the model reads in handwritten digits (k, 1, 28, 28) in [0, 1]."""
-    return read_numbers(model, [images])[0]
-
-
-def generate_digits(model, labels, **kw):
-    """One digit per label (N,), drawn from the prompt BOS "d" ; (a one-digit number).
-    Returns (N, 1, 28, 28) in [0, 1]; a digit the model did not draw comes back blank
-    (and counts as wrong for the referee)."""
-    labels = torch.as_tensor(labels).long().flatten()
-    drawn = draw_numbers(model, [str(int(d)) for d in labels], **kw)
-    out = torch.zeros(len(labels), 1, 28, 28)
-    for i, (imgs, _) in enumerate(drawn):
-        if len(imgs):
-            out[i] = imgs[0]
-    return out
-
-
-@torch.no_grad()
-def caption_digits(model, images, *, batch_size=500):
-    """Label each image (N, 1, 28, 28) in [0, 1]: each is read as a one-digit number
-    (`read_numbers`: BOS <image> 7 ; 7 EOS in the paired layout, the model writing both 7s).
-    Returns (N,) digits; -1 unless it wrote exactly one digit after SEP before EOS."""
-    texts = read_numbers(model, [x[None] for x in images], batch_size=batch_size)
-    return torch.tensor([int(t) if len(t) == 1 and t.isdigit() else -1 for t in texts], dtype=torch.long)
-
-
-def tokens_text(ids, names=None) -> str:
-    """Token ids as text: digits (or class names), and the special tokens by name."""
-    return " ".join((names[i] if names else str(i)) if i < 10 else VOCAB[i] for i in ids)
-
 
 # ---------------------------------------------------------------------------
 # Command line
@@ -667,11 +464,10 @@ def resume_args(args, ckpt):
 
 
 def draw_main(args, model):
-    from mnist_eval import numbers_figure, save_figure
     imgs, seq = draw_numbers(model, [args.draw])[0]
     path = os.path.join(args.out, f"draw_{args.draw}.png")
     names = FASHION if getattr(args, "dataset", "mnist") == "fashion" else None
-    save_figure(numbers_figure([(args.draw, imgs)], names=names), path)
+    mnist_eval.save_figure(mnist_eval.numbers_figure([(args.draw, imgs)], names=names), path)
     print(f"drew {len(imgs)} image{'s' * (len(imgs) != 1)} for {args.draw}: {path}")
     return 0
 
@@ -693,7 +489,6 @@ def main(argv=None, log=print):
             if args.draw is not None:
                 return draw_main(args, model)
             args.dataset = ckpt["run"].get("dataset", "mnist")
-            import mnist_eval
             if args.cfg_sweep:
                 mnist_eval.cfg_sweep(model, args, [float(s) for s in args.cfg_sweep.split(",")], log=log)
                 return 0
@@ -735,9 +530,8 @@ def main(argv=None, log=print):
     if how == "capped":
         log(f"--minutes {args.minutes:g} reached at step {state['step']:,} of {args.steps:,}: evaluating the model "
             f"as it stands (continue with --resume)")
-    from mnist_eval import report
     try:
-        report(state["ema"], args, state, log=log)
+        mnist_eval.report(state["ema"], args, state, log=log)
     except KeyboardInterrupt:
         print(f"\nevaluation stopped; the trained model is saved ({path}): evaluate it with --eval-only",
               file=sys.stderr)
