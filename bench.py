@@ -1,42 +1,38 @@
 """
-How close training and sampling run to this machine's limit (like nanoGPT's MFU).
+How fast the default MNIST run trains and samples on this machine, and how close training
+runs to the machine's limit (nanoGPT's MFU). No MNIST needed: stand-in digits.
 
-    python bench.py                  # CPU
-    python bench.py --device cuda    # GPU (bf16 autocast in training, as train_mnist.py)
-    python bench.py --device cuda --compile default   # training step under torch.compile
+    python bench.py                       # CPU, about 2 minutes on 2 cores
+    python bench.py --device cuda         # GPU (bf16 autocast in training, as train_mnist.py)
+    python bench.py --ckpt out/ckpt.pt    # sampling rows with a trained model
 
-Prints one table; every figure is a median of several timed runs after warm-up,
-in one process per row group (so each peak-memory figure is its own):
-- the measured peak of a large square matmul in the training precision (fp32 on a CPU,
-  bf16 on a GPU): the limit; on a CPU also the same product run as a 1x1 convolution,
-  by oneDNN (the library behind the U-Net's convolutions), which on this project's AMD
-  CPU runs twice as fast as torch.mm's MKL: MFU is given against both;
-- training: ms/step, tokens/s, model FLOP/s and MFU = model FLOP/s / that peak, for the
-  default MNIST config, one whole step: data, mask, loss, backward, clip, AdamW, EMA;
-- sampling: seconds for 100 digits with the default sampler, with and without the
-  KV cache, and the ratio; the same after a 40-token prompt, where the cache has a
-  prefix to save (the MNIST prompt BOS "d" has almost none);
-- peak memory (RSS on CPU, allocated on GPU) of training and of sampling;
-- the same with the other patch encoder.
+It prints one table, every time a median of several runs after warm-up:
+- the training step as train_mnist.py runs it (`train_mnist.run_step`: the next batch of
+  numbers in the default's mix, the loss, backward, clipping, AdamW, the EMA), its model
+  FLOPs (a formula) and MFU = model FLOP/s / the measured peak of a large fp32 matmul;
+- the same step inside a short stretch of the real training loop (`train_mnist.train` on the
+  stand-in digits), and the line `train step: bench X ms, loop Y ms, ratio R`: R near 1 says
+  that the first figure times what training does;
+- sampling: 100 digits drawn in one batch with the default sampler, with and without the
+  KV cache, and one 4-digit number drawn on demand (a trained model draws it; without one,
+  scripted text opens one image after each digit);
+- peak memory (RSS on a CPU, allocated memory on a GPU);
+- with --profile: the share of the step's op time taken by convolutions, matmuls, attention,
+  norms, the optimizer and the rest (torch.profiler).
 """
 import argparse
-import copy
-import json
 import os
+import platform
 import resource
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import train_mnist as tm
-from transfusion import Transfusion, TransfusionConfig
-
-
-LONG_PROMPT = 40   # tokens: BOS and 39 copies of the digit
+from mnist_numbers import _sampling, write_standin_mnist
+from transfusion import Transfusion
 
 
 def sync(device):
@@ -57,102 +53,84 @@ def median_time(fn, device, warmup=2, repeats=5):
     return statistics.median(times)
 
 
-def matmul_peak(device, n=4096, dtype=torch.float32):
+def matmul_peak(device, n=2048, dtype=torch.float32):
     """GFLOP/s of an n x n matmul (2 n^3 FLOPs), median of runs."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / median_time(lambda: a @ b, device, 2, 7) / 1e9
 
 
-def conv_matmul_peak(n=4096):
-    """GFLOP/s of the same n x n x n product run as a 1x1 convolution of an n-channel, n-pixel
-    image: oneDNN's kernels instead of the BLAS behind torch.mm. On this project's AMD CPU the
-    BLAS (MKL) reaches about half of what oneDNN does, so this is the truer limit of the chip;
-    the U-Net's convolutions run on oneDNN (README, "Speed")."""
-    assert n % 64 == 0
-    x = torch.randn(1, n, 64, n // 64).contiguous(memory_format=torch.channels_last)  # (1, n, 64, n/64): n pixels
-    w = torch.randn(n, n, 1, 1)                                                      # n -> n channels
-    sec = median_time(lambda: torch.nn.functional.conv2d(x, w), torch.device("cpu"), 2, 7)
-    return 2 * n ** 3 / sec / 1e9                                   # (n pixels x n) @ (n x n): 2 n^3 FLOPs
-
-
 def train_flops_per_step(cfg, seq_lens, n_images):
     """Model FLOPs of one training step (forward + backward = 3 x forward), counted as
     nanoGPT/PaLM do: 2 FLOPs per multiply-add, backward twice the forward.
-
-    Per token:   6 * (matmul weights a token passes through)
-                 = 6 * (L * (4 D^2 + 3 D F) + D V)     # qkv + wo, SwiGLU (w1, w3, w2), LM head
-               + 6 * L * 2 * S * D                     # attention: QK^T and AV over its sequence's S keys
-    Per image:   linear patches: 6 * N * 2 * D * C P^2 (proj_in + proj_out)
-                 U-Net patches:  6 * (each conv's k^2 * c_in * c_out * H_out * W_out multiply-adds)
-    The LM head runs at every position (patches too), as the code does. Only real positions
-    count: padding, norms, RoPE, softmax and the optimizer are the overhead MFU exposes.
-    """
+    Per token:  6 * (L (4 D^2 + 3 D F) + D V)   qkv + wo, SwiGLU (w1, w3, w2), LM head
+              + 6 * L * 2 * S * D             attention over its sequence's S keys
+    Per image:  linear patches: 6 * N * 2 * D * C P^2; U-Net: 6 * (each conv's k^2 c_in c_out
+                pixels + the patch projections), at the U-Net's resolution; + the timestep MLP.
+    Only real positions count: padding, norms, softmax and the optimizer are what MFU exposes."""
     D, L, F_, V = cfg.d_model, cfg.n_layers, cfg.ffn_hidden, cfg.vocab_size
     tokens = sum(S * (6 * (L * (4 * D * D + 3 * D * F_) + D * V) + 6 * L * 2 * S * D) for S in seq_lens)
-    N, P, C, H = cfg.n_patches, cfg.patch_size, cfg.channels, cfg.image_size
+    N, P, C, side = cfg.n_patches, cfg.patch_size, cfg.channels, cfg.image_size
     if cfg.patch_encoder == "linear":
         per_image = 6 * N * 2 * D * C * P * P
     else:
-        c = cfg.unet_channels
-        conv = lambda k, ci, co, hw: k * k * ci * co * hw * hw                  # multiply-adds
-        per_image = 6 * (conv(3, C, c, H) + 2 * conv(3, c, c, H)                  # conv_in, down block
-                         + conv(P, c, D, H // P) + conv(P, D, c, H // P)          # to/from tokens
-                         + conv(3, 2 * c, c, H) + conv(3, c, c, H) + conv(1, 2 * c, c, H)  # up block + skip
-                         + conv(3, c, C, H))                                      # conv_out
-    per_image += 6 * (256 * D + D * D)                                            # timestep MLP
+        U, s = cfg.unet_channels, cfg.unet_downsample
+        px, Cs = (side // s) ** 2, C * s * s                                       # pixels, channels in
+        conv = lambda k, ci, co: k * k * ci * co * px                              # multiply-adds
+        per_image = 6 * (conv(3, Cs, U) + 2 * conv(3, U, U)                        # conv_in, down block
+                         + 2 * N * U * (P // s) ** 2 * D                           # to/from tokens
+                         + conv(3, 2 * U, U) + conv(3, U, U) + conv(1, 2 * U, U)   # up block + skip
+                         + conv(3, U, Cs))                                         # conv_out
+    per_image += 6 * (256 * D + D * D)                                             # timestep MLP
     return tokens + n_images * per_image
 
 
-def make_args(encoder, device):
-    args = tm.parse_args(["--device", device])
-    args.patch_encoder = encoder
-    return args
+KINDS = {"convolutions": ("conv",), "matmuls": ("mm", "linear"), "attention": ("scaled_dot_product", "attention"),
+         "optimizer": ("adam", "lerp", "foreach", "vector_norm"), "norms": ("norm",)}
 
 
-def bench_train(encoder, device, repeats, compile_mode=None):
-    args = make_args(encoder, device.type)
-    cfg = tm.model_config(args)
-    torch.manual_seed(0)
-    model = Transfusion(cfg).to(device)
-    ema = copy.deepcopy(model)                  # before compiling: the EMA copy stays a plain module
-    if compile_mode:
-        # the model's forward pass compiled (mask, blocks, patches); the Python around it, which
-        # builds the batch, stays eager. Shapes change every step (numbers of 1-4 digits, packed
-        # rows), hence dynamic=True; "reduce-overhead" adds CUDA graphs, recorded per shape.
-        model.compile(mode=compile_mode, dynamic=True)
-    ema_params, model_params = list(ema.parameters()), list(model.parameters())
-    opt = tm.configure_optimizer(model, args.lr)
+def profile_step(step, n=10):
+    """Where a training step's time goes: the share of each kind of op (self CPU time, torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    shares, total = {}, 0.0
+    for ev in prof.key_averages():
+        if not ev.key.startswith("aten::"):
+            continue
+        kind = next((k for k, words in KINDS.items() if any(w in ev.key for w in words)), "elementwise and other")
+        shares[kind] = shares.get(kind, 0.0) + ev.self_cpu_time_total
+        total += ev.self_cpu_time_total
+    return {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}, total / n / 1000
+
+
+def bench_train(args, data, device, repeats):
+    """The training step as the loop runs it (bench), then a stretch of the loop itself."""
+    run = tm.parse_args(["--data-dir", data, "--device", device.type, "--log-every", "0", "--progress-every", "0",
+                         "--out", os.path.join(data, "out"), "--steps", str(args.loop_steps)] + args.flags.split())
+    u8, labels = tm.load_digits(data, train=True)
+    images = tm.to_model_range(u8)
+    state = tm.new_state(run, device)
+    bf16 = tm.use_bf16(device, run.fp32)
+    sec = median_time(lambda: tm.run_step(state, run, images, labels, bf16), device, warmup=3, repeats=repeats)
+    profile = profile_step(lambda: tm.run_step(state, run, images, labels, bf16)) if args.profile else None
+    # the real loop: train() logs every step (--log-every 0); the time between two log lines is a step
+    stamps = []
+    tm.train(run, log=lambda line: stamps.append(time.perf_counter()) if line.startswith("step") else None)
+    gaps = [b - a for a, b in zip(stamps[5:], stamps[6:])]                # after 5 warm-up steps
+    loop = statistics.median(gaps)
     gen = torch.Generator().manual_seed(0)
-    images = torch.rand(4096, 1, 28, 28) * 2 - 1                       # stand-in digits: speed only
-    labels = torch.randint(0, 10, (4096,), generator=gen)
-    bf16 = tm.use_bf16(device)
-
-    def step():  # the whole training step of train_mnist.train: sequences, then train_step
-        idx = torch.randint(0, 4096, (args.batch_size,), generator=gen)
-        seqs = tm.make_sequences(images[idx], labels[idx], gen)
-        tm.train_step(model, opt, ema_params, model_params, seqs, gen, args.ema, bf16)
-
-    sec = median_time(step, device, warmup=20 if compile_mode else 3, repeats=repeats)  # compiling is warm-up
-    # the FLOPs of an average step: real positions of 20 steps' worth of numbers
-    lens = [sum(cfg.n_patches + 2 if s.is_floating_point() else s.numel() for s in seq)
-            for _ in range(20) for seq in tm.make_sequences(images[:args.batch_size], labels[:args.batch_size], gen)]
-    flops = train_flops_per_step(cfg, lens, 20 * args.batch_size) / 20
-    counted = None                                                     # not counted through a compiled model
-    if not compile_mode:
-        with FlopCounterMode(display=False) as counter:                # cross-check (counts padding too)
-            idx = torch.randint(0, 4096, (args.batch_size,), generator=gen)
-            model.loss(tm.make_sequences(images[idx], labels[idx], gen), generator=gen)[0].backward()
-        model.zero_grad(set_to_none=True)
-        counted = counter.get_total_flops()
-    return dict(ms_per_step=1000 * sec, tokens_per_s=sum(lens) / 20 / sec,
-                gflop_per_step=flops / 1e9, counted_gflop=None if counted is None else counted / 1e9,
-                model_gflops=flops / sec / 1e9, params_m=model.num_params() / 1e6,
-                batch=args.batch_size, seq_len=round(sum(lens) / len(lens)))
+    seqs = [s for _ in range(20) for s in tm.make_sequences(images[:run.batch_size], labels[:run.batch_size], gen,
+                                                           run.max_digits, run.caption_first, run.layout)]
+    lens = [sum(state["model"].cfg.n_patches + 2 if x.is_floating_point() else x.numel() for x in s) for s in seqs]
+    flops = train_flops_per_step(state["model"].cfg, lens, 20 * run.batch_size) / 20
+    return dict(ms=1000 * sec, loop_ms=1000 * loop, profile=profile, gflop=flops / 1e9, gflops=flops / sec / 1e9,
+                params=state["model"].num_params() / 1e6, positions=sum(lens) / 20)
 
 
 class ScriptedText(Transfusion):
     """Without a checkpoint: the text head is scripted (";" is followed by a digit, a digit
-    opens an image, EOI ends the sequence) so the benchmark times the path a trained model takes."""
+    opens an image, EOI ends the sequence) so that the benchmark takes a trained model's path."""
 
     def predict(self, h, batch, image_state):
         logits, eps = super().predict(h, batch, image_state)
@@ -160,124 +138,75 @@ class ScriptedText(Transfusion):
         return torch.full_like(logits, -1e4).scatter(-1, nxt[..., None], 0.0), eps
 
 
-def bench_sample(encoder, device, repeats, ckpt):
-    args = make_args(encoder, device.type)
-    if ckpt and os.path.exists(ckpt) and tm.load_checkpoint(ckpt).cfg.patch_encoder == encoder:
-        model, source = tm.load_checkpoint(ckpt, device), ckpt
+def bench_sample(args, device, repeats):
+    if args.ckpt and os.path.exists(args.ckpt):
+        model, source = tm.load_checkpoint(args.ckpt, device), args.ckpt
     else:
-        model, source = ScriptedText(tm.model_config(args)).to(device).eval(), "untrained, scripted text"
-    labels = torch.arange(100) % 10
-    kw = dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
-    cached = tm.generate_digits(model, labels, batch_size=100, **kw)
-    plain = tm.generate_digits(model, labels, batch_size=100, use_cache=False, **kw)
-    diff = (cached - plain).abs().max().item()                        # float rounding only
-    t_cache = median_time(lambda: tm.generate_digits(model, labels, batch_size=100, **kw), device, 1, repeats)
-    t_plain = median_time(lambda: tm.generate_digits(model, labels, batch_size=100, use_cache=False, **kw),
-                          device, 1, repeats)
-    # The MNIST prompt BOS "d" leaves almost nothing to cache; a 40-token prompt shows what the
-    # cache saves when there is a prefix (untrained weights, scripted text: same path, same work)
-    scripted = ScriptedText(model.cfg).to(device).eval()
-    prompts = [[torch.tensor([tm.BOS] + [int(d)] * (LONG_PROMPT - 1))] for d in labels]
-
-    def long(use_cache):
-        out = scripted.generate(prompts, max_new_tokens=3, use_cache=use_cache,
-                                generator=torch.Generator().manual_seed(0), **kw)
-        return torch.stack([seq[1] for seq in out])                    # (100, C, H, W)
-
-    long_diff = (long(True) - long(False)).abs().max().item()
-    l_cache = median_time(lambda: long(True), device, 1, repeats)
-    l_plain = median_time(lambda: long(False), device, 1, repeats)
-    return dict(sample_s_cache=t_cache, sample_s_nocache=t_plain, speedup=t_plain / t_cache, max_diff=diff,
-                long_s_cache=l_cache, long_s_nocache=l_plain, long_speedup=l_plain / l_cache, long_max_diff=long_diff,
-                sampler=f"{args.sampler} {args.sample_steps} steps, CFG {args.cfg_scale}", model=source)
+        model = ScriptedText(tm.model_config(tm.parse_args(args.flags.split()))).to(device).eval()
+        source = "untrained, scripted text"
+    labels = torch.arange(args.sample_digits) % 10
+    t_cache = median_time(lambda: tm.generate_digits(model, labels), device, 1, repeats)
+    t_plain = median_time(lambda: tm.generate_digits(model, labels, use_cache=False), device, 1, repeats)
+    number = "2026" if source != "untrained, scripted text" else "7"   # the script draws one image
+    t_draw = median_time(lambda: tm.draw_number(model, number), device, 1, repeats)
+    drawn = len(tm.draw_number(model, number))
+    kw = _sampling(model)
+    return dict(cache=t_cache, plain=t_plain, draw=t_draw * (4 / max(1, drawn)), drawn=drawn, source=source,
+                sampler=f"{kw['sampler']}, {kw['steps']} steps, guidance scale {kw['guidance_scale']}")
 
 
-def counted_cell(train_res):
-    c = train_res["counted_gflop"]
-    return "–" if c is None else f"{c:.2f}"
+def cpu_name():
+    """The CPU as lscpu names it: model name, family and model (Linux), else platform's word."""
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                    if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
 
 
-def pct(x):
-    return f"{x:.0%}" if x >= 0.1 else f"{x:.2%}"   # a GPU running this tiny model shows a fraction of 1%
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def main():
-    p = argparse.ArgumentParser(description="training MFU and sampling speed of the default MNIST config")
+def main(argv=None):
+    p = argparse.ArgumentParser(description="training and sampling speed of the default MNIST run")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--loop-steps", type=int, default=40, help="steps of the real training loop")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="a trained model for the sampling rows, if present")
-    p.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                   help="time the training step with the model compiled in this torch.compile mode")
-    p.add_argument("--part", help=argparse.SUPPRESS)   # internal: run one part in this process
-    args = p.parse_args()
+    p.add_argument("--sample-digits", type=int, default=100, help="digits drawn in one batch")
+    p.add_argument("--profile", action="store_true", help="also: where the training step's time goes, by kind of op")
+    p.add_argument("--flags", default="", help="train_mnist.py flags for another model, e.g. \"--d-model 64\"")
+    args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.part:
-        what, encoder = args.part.split(":")
-        res = bench_train(encoder, device, args.repeats, args.compile) if what == "train" else \
-            bench_sample(encoder, device, max(1, args.repeats // 2), args.ckpt)
-        res["peak_mb"] = peak_memory_mb(device)
-        print(json.dumps(res))
-        return
-    # the limit: the peak of the precision training runs in (fp32 on a CPU; bf16 autocast on a GPU)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}", flush=True)
     bf16 = tm.use_bf16(device)
     peak = matmul_peak(device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    prec = "bf16" if bf16 else "fp32"
-    peak_dnn = conv_matmul_peak() if device.type == "cpu" and torch.backends.mkldnn.is_available() else None
-    default = TransfusionConfig.patch_encoder
-    encoders = [default, "linear" if default == "unet" else "unet"]
-    res = {}
-    for enc in encoders:
-        for what in ("train", "sample"):
-            cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats),
-                   "--ckpt", args.ckpt, "--part", f"{what}:{enc}"] + (["--compile", args.compile] if args.compile else [])
-            run = subprocess.run(cmd, capture_output=True, text=True)
-            if run.returncode != 0:
-                sys.exit(f"bench part {what}:{enc} failed:\n{run.stderr}")
-            res[what, enc] = json.loads(run.stdout.strip().splitlines()[-1])
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    if args.compile:
-        name += f"; training rows with torch.compile(mode={args.compile!r}), sampling eager"
-    print(f"\ndevice: {name}; torch {torch.__version__}")
-    rows = [(f"{prec} matmul peak (4096x4096)", lambda e: f"{peak:.0f} GFLOP/s")]
-    rows += [
-        ("parameters", lambda e: f"{res['train', e]['params_m']:.2f} M"),
-        ("train: ms/step (digits, mean positions per number)", lambda e: f"{res['train', e]['ms_per_step']:.0f} "
-                                                       f"({res['train', e]['batch']}, {res['train', e]['seq_len']})"),
-        ("train: tokens/s", lambda e: f"{res['train', e]['tokens_per_s']:.0f}"),
-        ("train: model GFLOP/step (formula; torch's count)", lambda e: f"{res['train', e]['gflop_per_step']:.2f} "
-                                                                       f"({counted_cell(res['train', e])})"),
-        ("train: model GFLOP/s", lambda e: f"{res['train', e]['model_gflops']:.0f}"),
-        ("train: MFU (model FLOP/s / peak)", lambda e: pct(res['train', e]['model_gflops'] / peak)),
-    ]
-    if peak_dnn:
-        rows += [
-            ("fp32 matmul as a 1x1 conv (oneDNN; 4096^3)", lambda e: f"{peak_dnn:.0f} GFLOP/s"),
-            ("train: model FLOP/s / that oneDNN peak", lambda e: pct(res['train', e]['model_gflops'] / peak_dnn)),
-        ]
-    rows += [
-        ("train: peak memory", lambda e: f"{res['train', e]['peak_mb']:.0f} MB"),
-        ("sample 100 digits, KV cache", lambda e: f"{res['sample', e]['sample_s_cache']:.2f} s"),
-        ("sample 100 digits, no cache", lambda e: f"{res['sample', e]['sample_s_nocache']:.2f} s"),
-        ("KV-cache speed-up (max pixel difference)", lambda e: f"{res['sample', e]['speedup']:.2f}x "
-                                                              f"({res['sample', e]['max_diff']:.1g})"),
-        (f"after a {LONG_PROMPT}-token prompt: cache / none", lambda e: f"{res['sample', e]['long_s_cache']:.2f} s / "
-                                                                   f"{res['sample', e]['long_s_nocache']:.2f} s"),
-        (f"KV-cache speed-up, {LONG_PROMPT}-token prompt", lambda e: f"{res['sample', e]['long_speedup']:.2f}x "
-                                                             f"({res['sample', e]['long_max_diff']:.1g})"),
-        ("sample: peak memory", lambda e: f"{res['sample', e]['peak_mb']:.0f} MB"),
-    ]
-    head = ["", f"{encoders[0]} patches (default)", f"{encoders[1]} patches"]
-    print("| " + " | ".join(head) + " |\n|---|---|---|")
-    for label, fn in rows:
-        print(f"| {label} | {fn(encoders[0])} | {fn(encoders[1])} |")
-    for e in encoders:
-        print(f"sampling ({e}): {res['sample', e]['sampler']}; model: {res['sample', e]['model']}")
+    with tempfile.TemporaryDirectory() as data:
+        write_standin_mnist(data, n_train=4096, n_test=64)
+        tr = bench_train(args, data, device, args.repeats)
+    sa = bench_sample(args, device, max(1, args.repeats // 4))
+    mem = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
+           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    rows = [(f"{'bf16' if bf16 else 'fp32'} matmul peak (2048x2048)", f"{peak:.0f} GFLOP/s"),
+            ("parameters", f"{tr['params']:.2f} M"),
+            ("train: ms/step (64 digits, mean positions per step)", f"{tr['ms']:.1f} ({tr['positions']:.0f})"),
+            ("train: model GFLOP/step (formula)", f"{tr['gflop']:.2f}"),
+            ("train: model GFLOP/s; MFU", f"{tr['gflops']:.0f}; {tr['gflops'] / peak:.1%}"),
+            (f"train: ms/step in the training loop ({args.loop_steps} steps)", f"{tr['loop_ms']:.1f}"),
+            (f"sample {args.sample_digits} digits, KV cache", f"{sa['cache']:.2f} s"),
+            (f"sample {args.sample_digits} digits, no cache", f"{sa['plain']:.2f} s"),
+            ("draw a 4-digit number on demand", f"{sa['draw']:.2f} s" + ("" if sa["drawn"] == 4 else
+                                                                       f" (4x one image: {sa['source']})")),
+            ("peak memory", f"{mem:.0f} MB")]
+    print("| | |\n|---|---|")
+    for label, value in rows:
+        print(f"| {label} | {value} |")
+    print(f"sampling: {sa['sampler']}; model: {sa['source']}")
+    if tr["profile"]:
+        shares, ms = tr["profile"]
+        print(f"training step, ops only ({ms:.0f} ms of op time a step): " +
+              ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+    print(f"train step: bench {tr['ms']:.1f} ms, loop {tr['loop_ms']:.1f} ms, ratio {tr['loop_ms'] / tr['ms']:.2f}")
 
 
 if __name__ == "__main__":

@@ -15,17 +15,19 @@ Inception). The metrics, all printed by `python train_mnist.py` at the end of tr
   right when the model then writes the four digits after ;.
 
 Pictures are matplotlib Figures built without pyplot or a global backend, returned to the
-caller (a notebook shows them inline) and saved by `save_figure`.
+caller (a notebook shows them inline, with no `%matplotlib` magic) and saved by `save_figure`;
+`decoding_gif` animates the decoding loop.
 """
+import io
 import json
 import math
 import os
 import time
 
+import matplotlib.figure
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 
 import mnist_numbers as mn
 from transfusion import transfusion_mask
@@ -195,8 +197,19 @@ def evaluate(model, args, log=print):
 # Pictures: each function returns a Figure; save_figure writes it
 # ---------------------------------------------------------------------------
 
+class Figure(matplotlib.figure.Figure):
+    """A matplotlib Figure that a notebook shows as a picture in a fresh kernel: IPython asks
+    any object for `_repr_png_`, so neither pyplot nor `%matplotlib inline` is needed."""
+
+    def _repr_png_(self):
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        return buf.getvalue()
+
+
 def save_figure(fig, path, dpi=90):
-    fig.savefig(path, dpi=dpi)
+    """Save a figure as its file type says; the picture grows to hold every title and label."""
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
 
 
@@ -303,6 +316,74 @@ def numbers_figure(drawn, names=None):
     rows = [[f'"{n}"'] + list(imgs) for n, imgs in drawn]
     return sequences_figure(rows, title="numbers drawn from BOS <digits> ; (the model opens each image "
                                         "and decides when to stop)")
+
+
+def progress_figure(model, digits_u8, labels, step, steps):
+    """What the model can do so far, for a picture while it trains: the digits 0-9 drawn
+    (BOS d ;) and a handwritten number read, with generators of their own."""
+    drawn = mn.generate_digits(model, torch.arange(10))
+    read = mn.read_number(model, digits_u8)
+    truth = "".join(str(int(d)) for d in labels)
+    return sequences_figure([["drawn:"] + list(drawn),
+                             ["read:"] + list(mn.as_model_images(digits_u8).add(1).div(2)) + [f'"{read}"']],
+                            title=f"step {step:,} of {steps:,}: digits 0-9 drawn; {truth} read as {read or '(nothing)'}")
+
+
+def decoding_gif(model, number: str, path, names=None, every=5):
+    """The decoding loop of §3 as a GIF: the model writes the digits of BOS <number> ; one token
+    at a time (LM mode); BOI switches to diffusion mode, and the image is shown every `every`
+    denoising steps from noise to digit; EOI switches back. Returns (images, sequence) as
+    `draw_numbers` does. Frames are drawn with PIL (matplotlib depends on it)."""
+    from PIL import Image, ImageDraw, ImageFont
+    steps_x = []   # (t, image) after each denoising step; a row draws its images one at a time
+    (imgs, seq), = mn.draw_numbers(model, [number], on_step=lambda t, x: steps_x.append((t, x[0, 0].cpu().clone())))
+    prompt = [mn.BOS] + [int(c) for c in number] + [mn.SEP]
+    # the token stream the model read, BOI <image> EOI around each image (None: an image)
+    stream = [t for seg in seq for t in ([mn.BOI, None, mn.EOI] if seg.is_floating_point() else seg.tolist())]
+    steps = len(steps_x) // max(1, len(imgs))
+    name = (lambda i: (names[i] if names else str(i)) if i < 10 else mn.VOCAB[i])
+    font = ImageFont.load_default(size=14)
+    tile, top = 56, 34
+    cell_w = [tile + 4 if t is None else font.getlength(name(t)) + 10 for t in stream]
+    width = int(max(640, sum(cell_w) + 20))
+
+    def frame(n_cells, image, status):  # the first n_cells of the stream; `image` for the last None
+        im = Image.new("RGB", (width, top + tile + 34), "white")
+        d = ImageDraw.Draw(im)
+        d.text((10, 8), f"Transfusion draws {number}, prompted with " + " ".join(name(t) for t in prompt),
+               fill="black", font=font)
+        x = 10
+        for i, (t, w) in enumerate(zip(stream[:n_cells], cell_w)):
+            if t is None:
+                x_img = image if i == n_cells - 1 else imgs[stream[:i].count(None)][0] * 2 - 1
+                pixels = ((x_img.clamp(-1, 1) + 1) * 127.5).byte().numpy()
+                im.paste(Image.fromarray(pixels).resize((tile, tile), Image.NEAREST), (int(x) + 2, top))
+            else:
+                color = "#DD8452" if t in (mn.BOI, mn.EOI) else ("gray" if i < len(prompt) else "#2255AA")
+                d.text((x + w / 2, top + tile / 2), name(t), fill=color, font=font, anchor="mm")
+            x += w
+        d.text((10, top + tile + 10), status, fill="black", font=font)
+        return im
+
+    frames, durations = [frame(len(prompt), None, "LM mode: the model reads the prompt")], [1200]
+    k = 0                                                               # images drawn so far
+    for n in range(len(prompt) + 1, len(stream) + 1):
+        tok = stream[n - 1]
+        if tok is None:  # diffusion mode: the image every `every` steps, each overwriting the last
+            for i in range(every - 1, steps, every):
+                t, x = steps_x[k * steps + i]
+                frames.append(frame(n, x, f"diffusion mode: denoising step {i + 1} of {steps} (t = {t})"))
+                durations.append(80)
+            k += 1
+            continue
+        status = {mn.BOI: f"the model writes BOI: diffusion mode, {model.cfg.n_patches} patches of pure noise",
+                  mn.EOI: "EOI: the image joins the sequence; back to LM mode",
+                  mn.EOS: "the model writes EOS: the end"}.get(tok, f"LM mode: the model writes {name(tok)}")
+        frames.append(frame(n, None, status))
+        durations.append(700)
+    durations[-1] = 3000
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=True)
+    return imgs, seq
 
 
 def pictures(model, m, hist, out, names=None, log=print):

@@ -63,6 +63,25 @@ def load_digits(data_dir: str, train: bool, dataset: str = "mnist", download: bo
     return ds.data, ds.targets
 
 
+def write_standin_mnist(root: str, n_train: int = 200, n_test: int = 50, folder: str = "MNIST"):
+    """A synthetic stand-in for MNIST in torchvision's raw layout under root/folder/raw, for tests
+    and benchmarks without the data: digit d is a bright bar at row 2 + 2d on faint noise."""
+    import struct
+    raw = os.path.join(root, folder, "raw")
+    os.makedirs(raw, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        imgs = (torch.rand(n, 28, 28, generator=g) * 40).to(torch.uint8)
+        for d in range(10):
+            imgs[labels == d, 2 + 2 * d:4 + 2 * d, 4:24] = 255
+        with open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + imgs.numpy().tobytes())
+        with open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
+    return root
+
+
 def to_model_range(images_u8):
     """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [-1, 1], the diffusion data range."""
     return images_u8.float().div(127.5).sub(1).unsqueeze(1)

@@ -84,6 +84,8 @@ def test_mask_never_attends_to_padding():
     mask = transfusion_mask(batch.img_id, batch.valid)
     real_queries = batch.valid[1]
     assert not mask[1][real_queries][:, ~batch.valid[1]].any()
+    eye = torch.eye(batch.tokens.shape[1], dtype=torch.bool)
+    assert torch.equal(mask[1][:, ~batch.valid[1]], eye[:, ~batch.valid[1]])   # a padding key: only itself sees it
     assert mask.any(-1).all()  # every row (padding included) has a key, so softmax is defined
 
 
@@ -157,6 +159,26 @@ def test_packed_rows_give_the_padded_batch_loss_and_gradients(encoder):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_packed_rows_give_each_image_its_own_prediction_wherever_it_lands():
+    """An image whose sequence is packed after another one in a row: its patches are found at
+    their new columns, and every image's noise prediction and the LM loss are the padded batch's."""
+    model = tiny_model()
+    seqs = [[text(BOS, 3), image(0), text(4), image(1), text(EOS)],     # 16 positions: a row of its own
+            [text(BOS, 1, 2, 3, 4, 5, 6, 7)],                          # 8: first in the next row ...
+            [text(BOS), image(2), text(EOS)],                          # 8: ... and this one after it
+            [text(BOS, 5), image(3)]]                                   # 8: the third row
+    rows = [model.with_markers(s, t_clean=300) for s in seqs]
+    padded, packed = collate(model.cfg, rows, "cpu"), collate(model.cfg, rows, "cpu", packed=True)
+    assert packed.tokens.shape == (3, 16) and packed.img_col.tolist() != padded.img_col.tolist()
+    r, c = packed.patch_index(model.cfg.n_patches)
+    assert torch.equal(packed.img_id[r, c], torch.arange(4).repeat_interleave(model.cfg.n_patches))
+    (l0, e0), (l1, e1) = model(padded), model(packed)
+    assert torch.allclose(e0, e1, atol=1e-5)
+    eps = torch.randn_like(e0)
+    torch.testing.assert_close(objective(model.cfg, padded, l0, e0, eps), objective(model.cfg, packed, l1, e1, eps),
+                               atol=1e-5, rtol=1e-4)
+
+
 def test_changing_a_later_text_token_leaves_earlier_outputs_unchanged():
     model = tiny_model()
     a = [text(BOS, 3), image(0), text(5, 6, EOS)]
@@ -213,6 +235,17 @@ def test_patchify_is_raster_order_and_unpatchify_inverts_it():
     assert torch.equal(unpatchify(p, 2, 3), x)
 
 
+@pytest.mark.parametrize("encoder", ["linear", "unet"])
+def test_the_noise_prediction_depends_on_the_timestep_it_is_told(encoder):
+    """The same x_t shown at two different t gets two different predictions: the timestep
+    embedding reaches the patches (§3, footnote 6)."""
+    model = tiny_model(patch_encoder=encoder)
+    x = image(4)
+    _, e1 = model(model.collate([[text(BOS, 3, BOI), (x, 100)]]))
+    _, e2 = model(model.collate([[text(BOS, 3, BOI), (x, 900)]]))
+    assert not torch.allclose(e1, e2, atol=1e-4)
+
+
 # ---- diffusion (§2.2) ----
 
 def test_cosine_schedule_matches_closed_form_and_is_monotone():
@@ -261,6 +294,100 @@ def test_cfg_scale_1_is_conditional_and_0_unconditional():
     assert torch.allclose(classifier_free_guidance(c, u, 3.0), c + 2 * (c - u))
 
 
+def test_model_uses_the_cosine_schedule_with_the_papers_constants():
+    """T = 1000 steps (§2.2), Nichol & Dhariwal's s = 0.008 and beta clipped at 0.999: the last
+    step keeps 0.1% of alpha_bar, so alpha_bar_T is tiny but x_0 can still be inverted."""
+    cfg = TransfusionConfig()
+    assert (cfg.T, cfg.cosine_s, cfg.max_beta) == (1000, 0.008, 0.999)
+    ab = cosine_alpha_bar(1000, 0.008, 0.999)
+    assert torch.equal(Transfusion(tiny_config()).alpha_bar, ab)
+    assert abs((ab[1000] / ab[999]).item() - (1 - 0.999)) < 1e-6 and ab[1000] > 0   # beta_T clipped
+
+
+@pytest.mark.parametrize("steps", [1, 7, 250, 1000])
+def test_sampling_timesteps_are_evenly_spaced_from_T_down_to_0(steps):
+    pairs = sampling_timesteps(1000, steps)
+    ts = [t for t, _ in pairs]
+    assert len(pairs) == steps and ts[0] == 1000 and pairs[-1][1] == 0
+    assert [tp for _, tp in pairs] == ts[1:] + [0]          # each step starts where the last one ended
+    if steps > 1:
+        assert ts[-1] == 1                                  # the last jump is from t = 1 to the data
+        gap = 999 / (steps - 1)
+        assert all(math.floor(gap) <= a - b <= math.ceil(gap) for a, b in zip(ts, ts[1:]))
+    if steps == 1000:
+        assert ts == list(range(1000, 0, -1))
+
+
+def test_predict_x0_inverts_equation_2_and_clips_to_the_data_range():
+    from transfusion import predict_x0
+    ab = cosine_alpha_bar(1000)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(8, 1, 4, 4, generator=g) * 1.8 - 0.9, torch.randn(8, 1, 4, 4, generator=g)
+    for t in (1, 300, 700):
+        xt = ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * eps
+        assert torch.allclose(predict_x0(xt, eps, ab[t]), x0, atol=1e-4)
+        wild = predict_x0(xt, eps + 3, ab[t])                # a bad noise estimate: x_0 would leave [-1, 1]
+        assert wild.min() >= -1 and wild.max() <= 1
+        assert torch.allclose(wild, ((xt - (1 - ab[t]).sqrt() * (eps + 3)) / ab[t].sqrt()).clamp(-1, 1), atol=1e-5)
+
+
+def forward_draws(x0, t, ab, n, g):
+    """n samples of x_t ~ q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I), with their noise."""
+    eps = torch.randn((n,) + tuple(x0.shape[1:]), generator=g)
+    return ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * eps, eps
+
+
+@pytest.mark.parametrize("step", [ddpm_step, ddim_step])
+def test_one_sampler_step_from_q_xt_lands_on_q_xtprev_given_the_true_noise(step):
+    """The marginal is kept: if x_t ~ q(x_t | x_0) and the step knows the true noise, x_{t_prev}
+    ~ q(x_{t_prev} | x_0), with mean sqrt(ab_prev) x_0 and variance 1 - ab_prev, at every jump
+    of a respaced schedule (DDPM: through its posterior's mean and variance; DDIM: exactly)."""
+    ab = cosine_alpha_bar(1000)
+    pairs = sampling_timesteps(1000, 10)                     # (1000, 889), (889, 778), ..., (112, 1), (1, 0)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    x0 = torch.linspace(-0.9, 0.9, 16).view(1, 1, 4, 4)   # 16 pixels, each its own x_0
+    for t, t_prev in [pairs[0], pairs[4], pairs[-2], pairs[-1]]:
+        xt, eps = forward_draws(x0, t, ab, n, g)
+        x = step(xt, eps, t, t_prev, ab, torch.randn(xt.shape, generator=g))
+        r = x - ab[t_prev].sqrt() * x0                       # should be N(0, 1 - ab_prev) in every pixel
+        var = (1 - ab[t_prev]).item()
+        assert r.mean(0).abs().max() < 5 * math.sqrt(var / n) + 1e-4, (t, t_prev)
+        assert abs(r.pow(2).mean().item() - var) < 0.02 * var + 1e-6, (t, t_prev)
+        if step is ddim_step:                               # deterministic: the same noise, moved to t_prev
+            assert torch.allclose(x, ab[t_prev].sqrt() * x0 + (1 - ab[t_prev]).sqrt() * eps, atol=2e-3)
+
+
+def test_ddpm_step_is_the_posterior_of_ho_et_al_eq_7():
+    """q(x_{t_prev} | x_t, x_0) with beta of the jump: mean sqrt(ab_prev) beta / (1 - ab_t) x_0
+    + sqrt(1 - beta) (1 - ab_prev) / (1 - ab_t) x_t, variance (1 - ab_prev) / (1 - ab_t) beta."""
+    ab = cosine_alpha_bar(1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 4, 4, generator=g) * 1.8 - 0.9
+    for t, t_prev in [(1000, 889), (600, 400), (250, 249), (112, 1), (40, 0)]:
+        xt, eps = forward_draws(x0, t, ab, 4, g)
+        beta = 1 - ab[t] / ab[t_prev]
+        mu = (ab[t_prev].sqrt() * beta / (1 - ab[t]) * x0
+              + (1 - beta).sqrt() * (1 - ab[t_prev]) / (1 - ab[t]) * xt)
+        var = (1 - ab[t_prev]) / (1 - ab[t]) * beta
+        z = torch.randn(xt.shape, generator=g)
+        mean = ddpm_step(xt, eps, t, t_prev, ab, torch.zeros_like(z))
+        assert torch.allclose(mean, mu, atol=2e-3 if t == 1000 else 1e-5), (t, t_prev)
+        assert torch.allclose(ddpm_step(xt, eps, t, t_prev, ab, z) - mean, var.sqrt() * z, atol=1e-5), (t, t_prev)
+    assert torch.allclose(mean, x0, atol=1e-5)               # the last jump, to t = 0: x_0 itself, no noise
+
+
+@pytest.mark.parametrize("step", [ddpm_step, ddim_step])
+def test_a_zero_length_step_leaves_x_t_where_it_is_even_when_x0_is_clipped(step):
+    """t_prev = t: nothing to denoise. DDPM's jump has beta = 0; DDIM recomputes the noise that
+    is consistent with its clipped x_0, so it lands on x_t too."""
+    ab = cosine_alpha_bar(1000)
+    g = torch.Generator().manual_seed(0)
+    xt, eps = torch.randn(4, 1, 4, 4, generator=g), 3 * torch.randn(4, 1, 4, 4, generator=g)   # x_0 clipped
+    for t in (20, 500, 900):
+        assert torch.allclose(step(xt, eps, t, t, ab, torch.randn(xt.shape, generator=g)), xt, atol=1e-5)
+
+
 # ---- the training objective (§3, Eq. 4) ----
 
 def test_no_lm_loss_at_boi_patches_or_padding():
@@ -293,6 +420,19 @@ def test_lm_loss_trains_the_model_to_open_images():
     assert objective(model.cfg, batch, logits + boost, eps_hat, torch.zeros_like(eps_hat))[1] < lm
 
 
+def test_lm_targets_are_the_next_text_token_but_none_from_boi_or_patches():
+    """Eq. 1 on the stream BOS 3 BOI <4 patches> EOI 5 EOS: every text input predicts the next
+    token (EOS and BOI included); BOI predicts nothing (footnote 8), nor do patches or padding."""
+    model = tiny_model()
+    batch = model.collate([model.with_markers([text(BOS, 3), image(0), text(5, EOS)]),
+                           model.with_markers([text(BOS), image(1), image(2), text(EOS)]),
+                           model.with_markers([text(BOS, 4)])])
+    no = -1
+    assert batch.targets[0].tolist()[:10] == [3, BOI, no, no, no, no, no, 5, EOS, no]
+    assert batch.targets[1].tolist() == [BOI, no, no, no, no, no, BOI, no, no, no, no, no, EOS, no]
+    assert batch.targets[2].tolist() == [4, no] + [no] * 12
+
+
 def test_diffusion_loss_is_a_mean_over_images_of_per_image_mse():
     model = tiny_model()
     seqs = [model.with_markers([text(BOS, 1), image(0), text(2), image(1)]),
@@ -308,6 +448,33 @@ def test_total_loss_is_lm_plus_lambda_ddpm():
     model = tiny_model(lam=5.0)
     total, lm, ddpm = model.loss([[text(BOS, 3), image(0), text(EOS)]], generator=torch.Generator().manual_seed(0))
     assert torch.allclose(total, lm + 5.0 * ddpm)
+
+
+def test_defaults_are_the_papers_lambda_5_and_noise_cap_500():
+    cfg = TransfusionConfig()
+    assert (cfg.lam, cfg.image_first_max_t, cfg.T) == (5.0, 500, 1000)   # Eq. 4's lambda (§4.1), §4.3.4's cap
+
+
+def test_the_loss_shows_each_image_at_its_t_and_regresses_the_noise_it_added(monkeypatch):
+    """Eq. 2-3 inside transfusion_loss: the model sees x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps
+    together with that image's own t, and its prediction is scored against that same eps."""
+    import transfusion
+    model = tiny_model(cond_drop_prob=0.0)
+    noised, scored = [], []
+    add_noise_, objective_ = transfusion.add_noise, transfusion.objective
+    monkeypatch.setattr(transfusion, "add_noise",
+                        lambda x0, t, eps, ab: noised.append((x0, t, eps)) or add_noise_(x0, t, eps, ab))
+    monkeypatch.setattr(transfusion, "objective",
+                        lambda cfg, batch, logits, eps_hat, eps: scored.append((batch, eps)) or
+                        objective_(cfg, batch, logits, eps_hat, eps))
+    model.loss([[text(BOS, 3), image(0), text(EOS)], [text(BOS), image(1), text(4), image(2), text(EOS)]],
+               generator=torch.Generator().manual_seed(0))
+    (x0, t, eps), (batch, target) = noised[0], scored[0]
+    assert torch.equal(x0, torch.stack([image(0), image(1), image(2)]))     # the clean images, in order
+    assert len(set(t.tolist())) == 3                                        # each its own t
+    assert torch.equal(batch.t, t) and torch.equal(target, eps)
+    ab = model.alpha_bar[t].view(-1, 1, 1, 1)
+    assert torch.allclose(batch.images, ab.sqrt() * x0 + (1 - ab).sqrt() * eps)
 
 
 def test_images_before_their_caption_are_capped_at_t_500():
@@ -331,6 +498,77 @@ def test_a_dropped_caption_does_not_cap_the_noise(monkeypatch):
     monkeypatch.setattr(transfusion, "add_noise", lambda x0, t, eps, ab: seen.append(t) or real(x0, t, eps, ab))
     model.loss([[text(BOS, 3), image(0), text(EOS)]] * 64, generator=torch.Generator().manual_seed(0))
     assert seen[0].max() > 500
+
+
+def timesteps_the_loss_draws(model, seqs, monkeypatch, seed=0):
+    """The t that transfusion_loss gives each image, in order (M,): a spy on add_noise stops
+    the loss there, before the forward pass, so that thousands of draws cost little."""
+    import transfusion
+
+    class Drawn(Exception):
+        pass
+
+    seen = []
+
+    def spy(x0, t, eps, alpha_bar):
+        seen.append(t.clone())
+        raise Drawn
+    monkeypatch.setattr(transfusion, "add_noise", spy)
+    with pytest.raises(Drawn):
+        model.loss(seqs, generator=torch.Generator().manual_seed(seed))
+    return seen[0]
+
+
+def assert_uniform_up_to(t, cap, exact_ends=True):
+    """t (n,) looks like draws uniform in 1..cap."""
+    assert t.min() >= 1 and t.max() <= cap
+    assert t.max() > 0.98 * cap and t.min() <= 0.02 * cap          # both ends are reached
+    if exact_ends:
+        assert t.min() == 1 and t.max() == cap
+    assert abs(t.float().mean().item() - (cap + 1) / 2) < 0.04 * cap
+
+
+def test_images_before_their_caption_never_draw_t_above_500_in_the_loss(monkeypatch):
+    """§4.3.4 where the loss draws t: each image of an image-first sequence is noised at
+    t in 1..500, each image of a caption-first one at t in 1..T, image by image in a mixed batch."""
+    model = tiny_model(cond_drop_prob=0.0)
+    block = [[text(BOS), image(0), text(3, EOS)],                      # image first: 500
+             [text(BOS, 3), image(1), image(2), text(EOS)],            # caption first: T, T
+             [text(BOS), image(3), text(4), image(4), text(5, EOS)],   # image first: 500, 500
+             [text(BOS, 4), image(5), text(EOS)]]                      # caption first: T
+    caps = [500, 1000, 1000, 500, 500, 1000]
+    t = timesteps_the_loss_draws(model, block * 2000, monkeypatch).view(2000, len(caps))   # (draws, images)
+    for slot, cap in enumerate(caps):                       # every image its own cap: none shifted
+        assert_uniform_up_to(t[:, slot], cap, exact_ends=False)
+    capped = torch.tensor(caps) == 500
+    assert_uniform_up_to(t[:, capped].flatten(), 500)       # 6000 draws: t = 1 and t = 500 both occur
+    assert_uniform_up_to(t[:, ~capped].flatten(), 1000, exact_ends=False)
+
+
+def test_a_dropped_caption_keeps_its_images_caption_first_noise_range(monkeypatch):
+    """Condition dropout turns BOS 3 <image> into BOS <image>: that image is still trained at
+    every t up to T (it is the unconditional prediction guidance needs at high noise), while
+    image-first sequences, which dropout leaves alone, keep their cap of 500."""
+    model = tiny_model(cond_drop_prob=1.0).train()
+    block = [[text(BOS), image(0), text(3), image(1), text(4, EOS)],  # image first, kept: 500, 500
+             [text(BOS, 3), image(2), text(5), image(3), text(EOS)],  # dropped to BOS <image 2>: T
+             [text(BOS, 4), image(4), text(EOS)],                     # dropped to BOS <image 4>: T
+             [text(BOS), image(5), text(4, EOS)]]                     # image first, kept: 500
+    caps = [500, 500, 1000, 1000, 500]                                # image 3 went with its caption
+    t = timesteps_the_loss_draws(model, block * 1000, monkeypatch)
+    assert t.shape == (1000 * len(caps),)
+    t = t.view(1000, len(caps))
+    for slot, cap in enumerate(caps):
+        assert_uniform_up_to(t[:, slot], cap, exact_ends=False)
+
+
+def test_condition_dropout_happens_only_in_training(monkeypatch):
+    """cond_drop_prob = 1: a training loss sees BOS <image> (the later image gone with its
+    caption); the same loss in eval mode sees the whole sequence."""
+    seqs = [[text(BOS, 3), image(0), text(4), image(1), text(EOS)]]
+    model = tiny_model(cond_drop_prob=1.0)
+    assert timesteps_the_loss_draws(model.train(), seqs, monkeypatch).numel() == 1
+    assert timesteps_the_loss_draws(model.eval(), seqs, monkeypatch).numel() == 2
 
 
 def test_condition_dropout_leaves_bos_and_the_image():
@@ -476,6 +714,95 @@ def test_reference_decoding_loop_and_batched_generate_agree():
             assert len(ref) > len(prompt) or ref[-1].numel() > prompt[-1].numel()   # something was generated
             if n_images is not None:
                 assert sum(s.is_floating_point() for s in ref) == n_images
+
+
+def test_kv_cache_hides_the_columns_a_waiting_row_skipped():
+    """Row 0 opens an image at once and waits while row 1 writes 5 6: every cached call adds a
+    column to every row, so row 0's cache holds columns it sat out. Its image must not see them:
+    cached decoding equals recomputing each row from its start."""
+    model = tiny_model()
+    force_next_token(model, {3: BOI, 4: 5, 5: 6, 6: BOI, EOI: 7})
+    prompts = [[text(BOS, 3)], [text(BOS, 4)]]
+    kw = dict(steps=3, max_new_tokens=8, guidance_scale=2.0)
+    fast = model.generate(prompts, generator=torch.Generator().manual_seed(0), **kw)
+    slow = model.generate(prompts, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
+    assert [s.tolist() for s in fast[1] if not s.is_floating_point()] == [[BOS, 4, 5, 6], [7, EOS]]
+    assert [s.tolist() for s in fast[0] if not s.is_floating_point()] == [[BOS, 3], [7, EOS]]
+    for a, b in zip(fast, slow):
+        assert_same_segments(a, b)
+
+
+@pytest.mark.parametrize("decoder", ["generate_reference", "generate", "generate without cache"])
+def test_guidance_pushes_each_image_away_from_its_bos_boi_prediction(decoder, monkeypatch):
+    """Classifier-free guidance as the decoders use it: at every denoising step the sampler gets
+    eps_u + s (eps_c - eps_u), where eps_c is the model's prediction in the image's own context
+    (its prompt, the earlier images) and eps_u the prediction in the context BOS BOI <x_t>, for
+    the first image and a later one alike. Both are recomputed here from plain forward passes."""
+    import transfusion
+    scale = 3.0
+    model = tiny_model(max_seq_len=20)                 # room for two images of 4 patches, not three
+    force_next_token(model, {3: BOI, EOI: 4, 4: BOI})  # BOS .. 3 <image> 4 <image> 4, then no room
+    seen = []                                          # (x_t, the eps the sampler got, t) at each step
+    ddpm = transfusion.SAMPLERS["ddpm"]
+    monkeypatch.setitem(transfusion.SAMPLERS, "ddpm",
+                        lambda x, eps, t, *a: seen.append((x.clone(), eps.clone(), t)) or ddpm(x, eps, t, *a))
+    prompts = [[text(BOS, 3)], [text(BOS, 2, 6, 3)]]
+    kw = dict(steps=3, max_new_tokens=8, guidance_scale=scale, generator=torch.Generator().manual_seed(0))
+    if decoder == "generate_reference":
+        prompts = prompts[:1]
+        outs = [model.generate_reference(prompts[0], **kw)]
+    else:
+        outs = model.generate(prompts, use_cache=decoder == "generate", **kw)
+    contexts = [[model.with_markers(out[:k]) + [text(BOI)] for k, seg in enumerate(out) if seg.is_floating_point()]
+                for out in outs]                       # what each drawn image came after
+    assert all(len(c) == 2 for c in contexts)          # each row drew two images
+    assert len(seen) == 2 * 3                           # two drawing phases of 3 steps, the rows together
+    apart = 0.0
+    for i, (x, eps, t) in enumerate(seen):
+        assert x.shape[0] == len(prompts)
+        for b in range(len(prompts)):
+            xt = (x[b], t)
+            cond = model(model.collate([contexts[b][i // 3] + [xt]]))[1][-1]
+            uncond = model(model.collate([[text(BOS, BOI), xt]]))[1][0]
+            assert torch.allclose(eps[b], uncond + scale * (cond - uncond), atol=1e-4), (decoder, i, b)
+            apart = max(apart, (cond - uncond).abs().max().item())
+    assert apart > 1e-2                                # the two contexts do predict differently
+
+
+def test_the_method_trains_and_decodes_without_the_speed_section():
+    """Sections 1-9 alone, executed in a fresh namespace (no packing, no KV cache, no batched
+    generate): a tiny model's loss falls, and generate_reference follows §3 "Inference":
+    BOS 3 -> BOI, an image of noise denoised, EOI, and back to text."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfusion.py")
+    source = open(path, encoding="utf-8").read()
+    head, header, _ = source.partition("\n# ---- 10. Speed")
+    assert header, "transfusion.py has no section 10 header"
+    ns = {"__name__": "transfusion_sections_1_to_9"}
+    exec(compile(head, "transfusion.py, sections 1-9", "exec"), ns)
+    assert not {"pack_batch", "KVCache", "forward_cached", "generate"} & set(ns)   # the speed section is gone
+    torch.manual_seed(0)
+    model = ns["Transfusion"](ns["TransfusionConfig"](**{**tiny_config().__dict__, "cond_drop_prob": 0.0}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(30):
+        total, lm, ddpm = model.loss([[text(BOS, 3), image(7), text(EOS)]] * 8, generator=g)
+        losses.append((lm.item(), ddpm.item()))
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    (lm0, ddpm0), (lm1, ddpm1) = losses[0], losses[-1]
+    assert lm1 < 0.1 * lm0 and ddpm1 < ddpm0
+    reads = []                                          # every sequence the decoding loop shows the model
+    collate_ = ns["collate"]
+    ns["collate"] = lambda cfg, seqs, *a, **k: reads.append(seqs) or collate_(cfg, seqs, *a, **k)
+    out = ns["generate_reference"](model.eval(), [text(BOS, 3)], steps=5, guidance_scale=3.0,
+                                   generator=torch.Generator().manual_seed(0))
+    assert [s.tolist() if not s.is_floating_point() else tuple(s.shape) for s in out] == [[BOS, 3], (1, 4, 4), [EOS]]
+    assert out[1].abs().max() <= 1
+    last = reads[-1][0]                                 # the read that wrote EOS: BOS 3 | BOI | image | EOI
+    assert [x.tolist() for x in (last[0], last[1], last[3])] == [[BOS, 3], [BOI], [EOI]]
+    assert torch.equal(last[2][0], out[1]) and last[2][1] == model.cfg.clean_t   # the drawn image, clean
 
 
 # ---- bad input gets a clear error ----

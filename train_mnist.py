@@ -2,24 +2,19 @@
 Train Transfusion on handwritten numbers: one model that writes a number and draws it,
 reads a handwritten number back, and does both on its own, on a laptop CPU.
 
-    python train_mnist.py --data-dir ../data          # a fixed number of steps, then the metrics
+    python train_mnist.py --data-dir ../data          # train for --steps, then measure and draw
     python train_mnist.py --out out --resume          # continue an interrupted run
-    python train_mnist.py --out out --draw 2026       # draw a number with a trained model
+    python train_mnist.py --out out --draw 2026 --gif # draw a number with a trained model
 
-Training sequences are MNIST numbers of k = 1..4 digits (transfusion.py's segment format):
-    caption first (70%; §4.1 "Data": 80%):  BOS 2 0 ; 2 <img> 0 <img> EOS
-    image first   (30%, t <= 500, §4.3.4):  BOS <img> 2 <img> 0 ; 2 0 EOS
-Each image sits beside its own digit: just before it when drawing (the digit is the image's
-caption), just after it when reading (the image's caption follows it). ";" (SEP) closes the
-number block: "the number is complete, draw now", or "these are all the images, write the
-number now". So drawing the k-th image and reading the k-th digit are both about the
-neighbouring token, and finding the k-th digit of a number is a copy task that the LM loss
-teaches sharply (docs/numbers.md compares layouts without the pairs).
+The training sequences are MNIST numbers of 1-4 digits (mnist_numbers.py), each written
+before its images (caption first, 70%; the paper's §4.1: 80%) or read after them (image
+first, 30%, noise capped at t <= 500 as in §4.3.4).
 
-Outputs in --out: ckpt.pt (the whole training state: resumable), the pictures, the metrics.
+Outputs in --out: ckpt.pt (the whole training state: resumable), progress.png (redrawn
+every few minutes while it trains), then the metrics (results.json) and pictures.
 
-Importable without side effects:
-    from train_mnist import load_checkpoint, generate_digits, caption_digits, draw_number, read_number
+Importable without side effects; the names a notebook needs:
+    from train_mnist import parse_args, train, load_checkpoint, draw_number, read_number
 """
 import argparse
 import copy
@@ -38,6 +33,24 @@ from mnist_numbers import (BOI, BOS, EOI, EOS, FASHION, LAYOUTS, PAD, SAMPLING, 
                            load_digits, make_sequences, mnist_config, number_sequence, read_number,
                            read_numbers, seq_len_needed, to_model_range, tokens_text)
 from transfusion import Transfusion, TransfusionConfig
+
+# the flags that set the model (TransfusionConfig's fields), and those that define a run: a
+# resumed run takes them from its checkpoint
+MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "patch_encoder", "unet_channels",
+               "unet_downsample", "lam", "image_attention", "image_first_max_t")
+RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup",
+                           "ema", "fp32", "dataset", "clean_t")
+CKPT_FORMAT = 5   # what a checkpoint holds; another version's format is refused with a message
+OLDER_RUNS = {"unet_downsample": 1}   # what a checkpoint written before a flag existed trained with
+
+
+def model_config(args) -> TransfusionConfig:
+    """The model config that the command-line flags ask for."""
+    kw = {k: getattr(args, k) for k in MODEL_FLAGS}
+    if args.clean_t is not None:
+        kw["clean_t"] = args.clean_t
+    return mnist_config(max_seq_len=seq_len_needed((28 // args.patch_size) ** 2, args.max_digits), **kw)
+
 
 # ---------------------------------------------------------------------------
 # Optimisation (§4.1 "Optimization")
@@ -60,9 +73,8 @@ def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float = 0.05
 
 
 def ema_decay(step: int, ema: float) -> float:
-    """The EMA of the weights samples; its decay warms up as (1+step)/(10+step) so that a short
-    run's average forgets the random initial weights. That term stays below 0.9995 until step
-    17,990, so the default run averages over roughly its last tenth of steps."""
+    """The EMA of the weights samples; its decay warms up as (1+step)/(10+step), so that a short
+    run's average forgets the random initial weights, up to --ema (docs/defaults.md)."""
     return min(ema, (1 + step) / (10 + step))
 
 
@@ -76,22 +88,8 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-
-MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "patch_encoder",
-               "unet_channels", "lam", "image_attention", "image_first_max_t")
-
-
-def model_config(args) -> TransfusionConfig:
-    """The model config that the command-line flags ask for."""
-    kw = {k: getattr(args, k) for k in MODEL_FLAGS}
-    if args.clean_t is not None:
-        kw["clean_t"] = args.clean_t
-    return mnist_config(max_seq_len=seq_len_needed((28 // args.patch_size) ** 2, args.max_digits), **kw)
-
-
 def use_bf16(device: torch.device, fp32: bool = False) -> bool:
-    """bf16 autocast on a GPU that has it (unless --fp32); fp32 on a CPU, where bf16 was
-    no faster (docs/speed.md)."""
+    """bf16 autocast on a GPU that has it (unless --fp32); fp32 on a CPU (docs/speed.md)."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported() and not fp32
 
 
@@ -109,18 +107,27 @@ def train_step(model, opt, ema_params, model_params, seqs, gen, ema_decay: float
     return lm.detach(), ddpm.detach()
 
 
+def run_step(state, args, images, labels, bf16: bool):
+    """Step state["step"] of the run: its learning rate, the next batch of numbers from the
+    data stream (a fresh permutation of the training digits each epoch), train_step.
+    Everything follows the step count and the run's generator alone. Returns (lm, ddpm)."""
+    step, gen = state["step"], state["gen"]
+    for g in state["opt"].param_groups:
+        g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+    if state["order"] is None or state["cursor"] + args.batch_size > len(labels):
+        state["order"], state["cursor"] = torch.randperm(len(labels), generator=gen), 0
+    idx = state["order"][state["cursor"]:state["cursor"] + args.batch_size]
+    state["cursor"] += args.batch_size
+    seqs = make_sequences(images[idx], labels[idx], gen, args.max_digits, args.caption_first, args.layout)
+    out = train_step(state["model"], state["opt"], state["ema_params"], state["model_params"], seqs, gen,
+                     ema_decay(step, args.ema), bf16)
+    state["step"] = step + 1
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Training: a fixed number of steps, safe on Ctrl-C, resumable
 # ---------------------------------------------------------------------------
-
-# the flags that define a run: a resumed run takes them from its checkpoint
-RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup",
-                           "ema", "fp32", "dataset", "clean_t")
-# 5: the U-Net's patch projections stored as linear layers. 4: the paired read layout (a format-3
-# "paired" run read grouped). 3: the whole training state, SEP in the vocabulary, numbers.
-# 2: one-group U-Net norms.
-CKPT_FORMAT = 5
-
 
 class StopOnCtrlC:
     """The first Ctrl-C (SIGINT) asks the loop to stop after the current step; a second one
@@ -156,9 +163,11 @@ def new_state(args, device):
     """Model, EMA, optimizer and the data stream of a fresh run of seed args.seed."""
     torch.manual_seed(args.seed)
     model = Transfusion(model_config(args)).to(device)
-    gen = torch.Generator().manual_seed(args.seed)
-    return dict(model=model, ema=copy.deepcopy(model).eval(), opt=configure_optimizer(model, args.lr),
-                gen=gen, step=0, order=None, cursor=0, hist={"step": [], "lm": [], "ddpm": []}, seconds=0.0)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    return dict(model=model, ema=ema, opt=configure_optimizer(model, args.lr),
+                gen=torch.Generator().manual_seed(args.seed), step=0, order=None, cursor=0,
+                hist={"step": [], "lm": [], "ddpm": []}, seconds=0.0,
+                ema_params=list(ema.parameters()), model_params=list(model.parameters()))  # for the EMA's lerp
 
 
 def checkpoint(state, args, finished: bool):
@@ -179,8 +188,8 @@ def restore_state(ckpt, args, device):
     state["model"].load_state_dict(tr["model"])
     state["ema"].load_state_dict(ckpt["model"])
     state["opt"].load_state_dict(tr["opt"])
-    # Adam's moments in their weight's memory layout: a checkpoint from before the U-Net went
-    # channels-last holds them contiguous, and the fused update walks both tensors' memory in step
+    # Adam's moments in their weight's memory layout (channels-last for the U-Net's convs): the
+    # fused update walks both tensors' memory in step, and an older checkpoint may hold them contiguous
     for p, moments in state["opt"].state.items():
         for k, v in moments.items():
             if torch.is_tensor(v) and v.shape == p.shape:
@@ -195,20 +204,33 @@ def sample_defaults(args):
     return dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler, layout=args.layout)
 
 
+def refuse_to_overwrite(path):
+    """A new run never starts over an existing checkpoint: ValueError saying what to do instead."""
+    if os.path.exists(path):
+        ckpt = read_checkpoint(path) if os.path.getsize(path) else {}
+        what = ("a finished run" if ckpt.get("finished") else
+                f"an unfinished run (step {ckpt['train']['step']:,})" if ckpt else "a file")
+        raise ValueError(f"{path} holds {what}: continue it with --resume (in Python: train(args, state)), "
+                         f"evaluate it with --eval-only (load_checkpoint), or train into another --out "
+                         f"(nothing was overwritten)")
+
+
 def train(args, state=None, log=print):
-    """Train for args.steps steps (continuing `state` if given); the LR schedule, the EMA
-    warm-up and the data order follow the step count alone, so the same seed gives the same
-    model on any machine. Saves <out>/ckpt.pt every --ckpt-every minutes and at the end.
-    Returns (state, how): how is "done", "interrupted" (Ctrl-C) or "capped" (--minutes)."""
+    """Train for args.steps steps; with `state` (a run interrupted in this session, or restored
+    from a checkpoint), continue it. The LR schedule, the EMA warm-up and the data order follow
+    the step count alone, so the same seed gives the same model. Saves <out>/ckpt.pt every
+    --ckpt-every minutes and at the end, and <out>/progress.png every --progress-every minutes.
+    A new run refuses to start over an existing checkpoint. Returns (state, how): how is
+    "done", "interrupted" (Ctrl-C) or "capped" (--minutes)."""
     device = pick_device(args.device)
+    path = os.path.join(args.out, "ckpt.pt")
+    fresh = state is None
+    if fresh:
+        refuse_to_overwrite(path)
     images_u8, labels = load_digits(args.data_dir, train=True, dataset=args.dataset)
     images = to_model_range(images_u8)
-    fresh = state is None
     state = new_state(args, device) if fresh else state
-    model, ema, opt, gen = state["model"], state["ema"], state["opt"], state["gen"]
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    model, ema = state["model"], state["ema"]
     bf16 = use_bf16(device, args.fp32)
     cfg = model.cfg
     log(f"device {device}{' (bf16 autocast)' if bf16 else ''}, {model.num_params() / 1e6:.2f}M parameters, "
@@ -218,7 +240,6 @@ def train(args, state=None, log=print):
     if not fresh:
         log(f"resuming at step {state['step']:,} of {args.steps:,}")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "ckpt.pt")
     pending = []  # losses as tensors: read them only when printing (no sync every step)
 
     def flush():
@@ -228,8 +249,12 @@ def train(args, state=None, log=print):
             state["hist"]["ddpm"].append(float(b))
         pending.clear()
 
+    def progress_picture():  # the EMA model draws and reads with its own generator: training is untouched
+        fig = mnist_eval.progress_figure(ema, images_u8[:4], labels[:4], state["step"], args.steps)
+        mnist_eval.save_figure(fig, os.path.join(args.out, "progress.png"))
+
     t0 = time.time()
-    t_log = t_save = t0
+    t_log = t_save = t_picture = t0
     start_step, seconds0 = state["step"], state["seconds"]
     how = "done"
     with StopOnCtrlC(log) as ctrl_c:
@@ -241,20 +266,13 @@ def train(args, state=None, log=print):
                 how = "capped"
                 break
             step = state["step"]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-            # the data stream: a fresh permutation of the training digits each epoch
-            if state["order"] is None or state["cursor"] + args.batch_size > len(labels):
-                state["order"], state["cursor"] = torch.randperm(len(labels), generator=gen), 0
-            idx = state["order"][state["cursor"]:state["cursor"] + args.batch_size]
-            state["cursor"] += args.batch_size
-            seqs = make_sequences(images[idx], labels[idx], gen, args.max_digits, args.caption_first, args.layout)
-            lm, ddpm = train_step(model, opt, ema_params, model_params, seqs, gen,
-                                  ema_decay(step, args.ema), bf16)
-            pending.append((step, lm, ddpm))
-            state["step"] = step + 1
+            pending.append((step, *run_step(state, args, images, labels, bf16)))
             now = time.time()
             state["seconds"] = seconds0 + now - t0
+            if args.progress_every and now - t_picture >= args.progress_every * 60:
+                progress_picture()
+                log(f"step {state['step']:,}: digits drawn and a number read, in {args.out}/progress.png")
+                t_picture = time.time()
             if now - t_log >= args.log_every or state["step"] == args.steps:
                 flush()
                 rate = (state["step"] - start_step) / max(now - t0, 1e-9)
@@ -276,7 +294,7 @@ def train(args, state=None, log=print):
 
 
 # ---------------------------------------------------------------------------
-# Using a trained model (importable)
+# Checkpoints
 # ---------------------------------------------------------------------------
 
 def read_checkpoint(path, device="cpu"):
@@ -296,7 +314,7 @@ def read_checkpoint(path, device="cpu"):
 def build_model(ckpt, path="checkpoint") -> Transfusion:
     """The EMA model of a checkpoint, in eval mode; ValueError with one line if it cannot be built."""
     try:
-        model = Transfusion(TransfusionConfig(**ckpt["config"]))
+        model = Transfusion(TransfusionConfig(**{**OLDER_RUNS, **ckpt["config"]}))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -310,13 +328,25 @@ def load_checkpoint(path, device="cpu") -> Transfusion:
     return build_model(read_checkpoint(path, device), path).to(device)
 
 
-
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
+def flag_type(kind, lo=None, hi=None, lo_open=False):
+    """An argparse type: a `kind` in [lo, hi] (or (lo, hi] if lo_open), else argparse's one-line error."""
+    def parse(text):
+        x = kind(text)
+        if lo is not None and (x <= lo if lo_open else x < lo) or hi is not None and x > hi:
+            bound = f"{'above' if lo_open else 'at least'} {lo}" + (f" and at most {hi}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
+        return x
+    parse.__name__ = kind.__name__   # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def build_parser():
     c = TransfusionConfig  # the model's defaults live in one place: its config
+    count, share = flag_type(int, 1), flag_type(float, 0, 1)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(), allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -325,94 +355,59 @@ def build_parser():
     a("--out", default="out")
     a("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     a("--seed", type=int, default=0)
-    a("--steps", type=int, default=16000, help="training steps: the run's length and its LR schedule")
-    a("--minutes", type=float, default=None, help="optional cap on training wall time (the schedule stays that "
-                                                   "of --steps; the run can be resumed)")
+    a("--steps", type=count, default=16000, help="training steps: the run's length and its LR schedule")
+    a("--minutes", type=flag_type(float, 0, lo_open=True), help="optional cap on training wall time (the schedule "
+                                                              "stays that of --steps; the run can be resumed)")
     a("--resume", action="store_true", help="continue the run saved in <out>/ckpt.pt")
-    a("--ckpt-every", type=float, default=2.0, help="minutes between checkpoints during training")
-    a("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    a("--ckpt-every", type=flag_type(float, 0, lo_open=True), default=2.0, help="minutes between checkpoints")
+    a("--log-every", type=flag_type(float, 0), default=10.0, help="seconds between progress lines")
+    a("--progress-every", type=flag_type(float, 0), default=3.0,
+      help="minutes between progress pictures (<out>/progress.png); 0: none")
     a("--fp32", action="store_true", help="no bf16 autocast on a GPU: train in fp32, as on a CPU")
     # data
-    a("--batch-size", type=int, default=64, help="digits per step (in numbers of 1..--max-digits digits)")
-    a("--max-digits", type=int, default=4, help="longest number in training")
-    # 0.7, not the paper's 0.8 (§4.1): more numbers read, for the reading target (docs/numbers.md)
-    a("--caption-first", type=float, default=0.7,
-      help="share of numbers written before their images (the paper, §4.1: 80%%; here 70%%); the rest are "
-           "read, images first")
+    a("--batch-size", type=count, default=64, help="digits per step (in numbers of 1..--max-digits digits)")
+    a("--max-digits", type=count, default=4, help="longest number in training")
+    a("--caption-first", type=share, default=0.7,
+      help="share of numbers written before their images (the paper, §4.1: 80%%; here 70%%, docs/layout.md); "
+           "the rest are read, images first")
     a("--layout", choices=LAYOUTS, default="paired",
       help="paired: each image beside its own digit (after it when drawing, before it when reading); "
            "read-grouped: reading as the images, then the number; grouped: drawing as the number, then its "
-           "images, too (docs/numbers.md)")
+           "images, too (docs/layout.md)")
     # model (TransfusionConfig)
-    for k in ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "unet_channels"):
-        a("--" + k.replace("_", "-"), type=int, default=getattr(c, k))
+    for k in ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "unet_channels", "unet_downsample"):
+        a("--" + k.replace("_", "-"), type=count, default=getattr(c, k))
     a("--patch-encoder", choices=["linear", "unet"], default=c.patch_encoder)
     a("--image-attention", choices=["bidirectional", "causal"], default="bidirectional",
       help="within an image (§3, Table 5)")
-    a("--image-first-max-t", type=int, default=c.image_first_max_t,
+    a("--image-first-max-t", type=flag_type(int, 1, 1000), default=c.image_first_max_t,
       help="noise cap for images before their caption (§4.3.4); 1000 turns it off")
-    a("--lam", type=float, default=c.lam, help="lambda of Eq. 4 (paper: 5)")
-    a("--clean-t", type=int, default=None,
-      help=f"the timestep a clean image is shown at (default: the checkpoint's, or {c.clean_t})")
+    a("--lam", type=flag_type(float, 0), default=c.lam, help="lambda of Eq. 4 (paper: 5)")
+    a("--clean-t", type=flag_type(int, 1, 1000), help=f"the timestep a clean image is shown at (default: the "
+                                                   f"checkpoint's, or {c.clean_t})")
     # optimisation
-    a("--lr", type=float, default=2e-3)
-    a("--warmup", type=int, default=100)
-    a("--ema", type=float, default=0.9995, help="EMA decay of the sampling weights (after its warm-up)")
+    a("--lr", type=flag_type(float, 0, lo_open=True), default=2e-3)
+    a("--warmup", type=flag_type(int, 0), default=100)
+    a("--ema", type=flag_type(float, 0, 0.999999), default=0.9995, help="EMA decay of the sampling weights")
     # sampling and evaluation
-    a("--cfg-scale", type=float, default=SAMPLING["cfg_scale"])
+    a("--cfg-scale", type=flag_type(float, 0), default=SAMPLING["cfg_scale"], help="classifier-free guidance scale")
     a("--sampler", choices=["ddpm", "ddim"], default=SAMPLING["sampler"])
-    a("--sample-steps", type=int, default=SAMPLING["steps"])
+    a("--sample-steps", type=flag_type(int, 1, 1000), default=SAMPLING["steps"])
     a("--eval-only", action="store_true", help="no training: evaluate <out>/ckpt.pt")
     a("--draw", metavar="NUMBER", help="no training: draw NUMBER with <out>/ckpt.pt and save a picture")
+    a("--gif", action="store_true", help="with --draw: also save the decoding loop as <out>/draw_NUMBER.gif")
     a("--cfg-sweep", metavar="S1,S2,...", help="with --eval-only: label->image and Frechet distance at each "
                                                  "guidance scale, and cfg_sweep.png")
-    a("--eval-per-label", type=int, default=100, help="generated digits per label for the metrics")
-    a("--eval-captions", type=int, default=10000, help="test digits to caption")
-    a("--eval-numbers", type=int, default=500, help="4-digit numbers to draw")
-    a("--eval-reading", type=int, default=2000, help="handwritten 4-digit test numbers to read")
-    a("--referee-epochs", type=int, default=3)
+    a("--eval-per-label", type=flag_type(int, 0), default=100, help="generated digits per label for the metrics")
+    a("--eval-captions", type=flag_type(int, 0), default=10000, help="test digits to caption")
+    a("--eval-numbers", type=flag_type(int, 0), default=500, help="4-digit numbers to draw")
+    a("--eval-reading", type=flag_type(int, 0), default=2000, help="handwritten 4-digit test numbers to read")
+    a("--referee-epochs", type=count, default=3)
     return p
 
 
-def given_flags(parser, argv):
-    """The dests of the flags written on the command line (not left at their defaults)."""
-    given = set()
-    for action in parser._actions:
-        for s in action.option_strings:
-            if any(tok == s or tok.startswith(s + "=") for tok in argv):
-                given.add(action.dest)
-    return given
-
-
 def check_args(p, args):
-    """One argparse-style error line naming the flag, for every value that cannot work."""
-    positive = ("steps", "batch_size", "max_digits", "d_model", "n_layers", "n_heads", "ffn_hidden",
-                "patch_size", "unet_channels", "sample_steps", "referee_epochs")
-    for k in positive:
-        if getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be at least 1, not {getattr(args, k)}")
-    for k in ("warmup", "eval_per_label", "eval_captions", "eval_numbers", "eval_reading"):
-        if getattr(args, k) < 0:
-            p.error(f"--{k.replace('_', '-')} must be at least 0, not {getattr(args, k)}")
-    for k in ("lr", "ckpt_every", "log_every"):
-        if not getattr(args, k) > 0 and not (k == "log_every" and args.log_every == 0):
-            p.error(f"--{k.replace('_', '-')} must be positive, not {getattr(args, k)}")
-    if args.minutes is not None and not args.minutes > 0:
-        p.error(f"--minutes must be positive, not {args.minutes}")
-    if not 0 <= args.caption_first <= 1:
-        p.error(f"--caption-first must be in [0, 1], not {args.caption_first}")
-    if not 0 <= args.ema < 1:
-        p.error(f"--ema must be in [0, 1), not {args.ema}")
-    if args.lam < 0 or args.cfg_scale < 0:
-        p.error("--lam and --cfg-scale must be at least 0")
-    if 28 % args.patch_size:
-        p.error(f"--patch-size {args.patch_size} must divide the image side 28 (1, 2, 4, 7, 14 or 28)")
-    if args.d_model % args.n_heads or (args.d_model // args.n_heads) % 2:
-        p.error(f"--d-model {args.d_model} / --n-heads {args.n_heads} must be an even integer (RoPE rotates pairs)")
-    if not 1 <= args.sample_steps <= 1000:
-        p.error(f"--sample-steps must be in [1, 1000], not {args.sample_steps}")
-    if not 1 <= args.image_first_max_t <= 1000 or (args.clean_t is not None and not 1 <= args.clean_t <= 1000):
-        p.error("--image-first-max-t and --clean-t must be in [1, 1000]")
+    """The checks that involve several flags or a device: one argparse-style error line each."""
     if args.cfg_sweep is not None:
         try:
             assert all(float(x) >= 0 for x in args.cfg_sweep.split(","))
@@ -423,6 +418,8 @@ def check_args(p, args):
             p.error("--cfg-sweep goes with --eval-only and --eval-per-label of at least 1")
     if args.draw is not None and not (args.draw.isascii() and args.draw.isdigit()):
         p.error(f"--draw takes a number written with the digits 0-9, not {args.draw!r}")
+    if args.gif and args.draw is None:
+        p.error("--gif goes with --draw NUMBER")
     if args.device != "auto":
         try:
             dev = torch.device(args.device)
@@ -436,8 +433,14 @@ def check_args(p, args):
             p.error(f"--device {args.device}: only cpu, cuda and mps are supported")
     try:
         model_config(args)
-    except ValueError as e:
-        p.error(str(e))
+    except ValueError as e:  # the config's message, in the flags' names
+        p.error(" ".join("--" + w.replace("_", "-") if w in MODEL_FLAGS else w for w in str(e).split(" ")))
+
+
+def given_flags(parser, argv):
+    """The dests of the flags written on the command line (not left at their defaults)."""
+    return {action.dest for action in parser._actions for s in action.option_strings
+            if any(tok == s or tok.startswith(s + "=") for tok in argv)}
 
 
 def parse_args(argv=None):
@@ -452,7 +455,8 @@ def parse_args(argv=None):
 
 def resume_args(args, ckpt):
     """The run's settings from its checkpoint; a differing flag on the command line is an error."""
-    run = {k: ckpt["run"].get(k, args.parser.get_default(k)) for k in RUN_FLAGS}  # older runs lack newer flags
+    saved = {**OLDER_RUNS, **ckpt["run"]}
+    run = {k: saved.get(k, args.parser.get_default(k)) for k in RUN_FLAGS}  # older runs lack newer flags
     for k in RUN_FLAGS:
         if k in args.given and getattr(args, k) != run[k]:
             args.parser.error(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the run being resumed "
@@ -464,11 +468,17 @@ def resume_args(args, ckpt):
 
 
 def draw_main(args, model):
-    imgs, seq = draw_numbers(model, [args.draw])[0]
-    path = os.path.join(args.out, f"draw_{args.draw}.png")
+    """--draw NUMBER [--gif]: the images the model draws for NUMBER, as a picture (and the loop as a GIF)."""
     names = FASHION if getattr(args, "dataset", "mnist") == "fashion" else None
-    mnist_eval.save_figure(mnist_eval.numbers_figure([(args.draw, imgs)], names=names), path)
-    print(f"drew {len(imgs)} image{'s' * (len(imgs) != 1)} for {args.draw}: {path}")
+    path = os.path.join(args.out, f"draw_{args.draw}")
+    t0 = time.time()
+    if args.gif:
+        imgs, seq = mnist_eval.decoding_gif(model, args.draw, path + ".gif", names=names)
+    else:
+        imgs, seq = draw_numbers(model, [args.draw])[0]
+    mnist_eval.save_figure(mnist_eval.numbers_figure([(args.draw, imgs)], names=names), path + ".png")
+    print(f"drew {len(imgs)} image{'s' * (len(imgs) != 1)} for {args.draw} in {time.time() - t0:.1f} s: "
+          f"{path}.png" + (f" and {path}.gif" if args.gif else ""))
     return 0
 
 
@@ -507,15 +517,10 @@ def main(argv=None, log=print):
             args = resume_args(args, ckpt)
             build_model(ckpt, path)   # its config must build, before anything is touched
             state = restore_state(ckpt, args, pick_device(args.device))
-        elif os.path.exists(path):
-            ckpt = read_checkpoint(path) if os.path.getsize(path) else {}
-            what = ("a finished run" if ckpt.get("finished") else
-                    f"an unfinished run (step {ckpt['train']['step']:,})" if ckpt else "a file")
-            raise ValueError(f"{path} holds {what}: continue it with --resume, evaluate it with --eval-only, "
-                             f"or train into another --out (nothing was overwritten)")
+        else:
+            refuse_to_overwrite(path)
         load_digits(args.data_dir, train=True, dataset=args.dataset)   # fail early, with directions
         load_digits(args.data_dir, train=False, dataset=args.dataset)
-        os.makedirs(args.out, exist_ok=True)
         state, how = train(args, state, log=log)
     except (MissingData, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -94,6 +94,7 @@ class TransfusionConfig:
                                   # image pixels); with U-Net layers larger patches lose little (Table 6)
     patch_encoder: str = "unet"   # "linear" or "unet" (§3, §4.3.3)
     unet_channels: int = 16       # U, the width of the U-Net down/up blocks
+    unet_downsample: int = 1      # the U-Net's blocks run at I / unet_downsample (pixel-unshuffle)
     # diffusion (§2.2)
     T: int = 1000                 # training timesteps, as the paper
     cosine_s: float = 0.008       # Nichol & Dhariwal's offset
@@ -123,6 +124,8 @@ class TransfusionConfig:
             raise ValueError(f"patch_encoder must be 'linear' or 'unet', not {self.patch_encoder!r}")
         if self.patch_encoder == "unet" and self.unet_channels < 1:
             raise ValueError(f"unet_channels must be at least 1, not {self.unet_channels}")
+        if self.unet_downsample < 1 or self.patch_size % self.unet_downsample:
+            raise ValueError(f"unet_downsample {self.unet_downsample} must divide patch_size {self.patch_size}")
         if not 1 <= self.image_first_max_t <= self.T:
             raise ValueError("image_first_max_t must be in [1, T]")
         if not 1 <= self.clean_t <= self.T:
@@ -297,20 +300,21 @@ class UNetPatches(nn.Module):
 
     def __init__(self, cfg: TransfusionConfig):
         super().__init__()
-        U, D, P = cfg.unet_channels, cfg.d_model, cfg.patch_size
-        self.P, self.U = P, U
-        self.conv_in = nn.Conv2d(cfg.channels, U, 3, padding=1)
+        U, D, s = cfg.unet_channels, cfg.d_model, cfg.unet_downsample
+        self.s, self.U, self.P = s, U, cfg.patch_size // s              # P: the patch side at the blocks' resolution
+        self.conv_in = nn.Conv2d(cfg.channels * s * s, U, 3, padding=1)
         self.down = ResBlock(U, U, D)
-        self.to_tokens = nn.Linear(U * P * P, D)                        # a patch's U x P x P features -> D
-        self.from_tokens = nn.Linear(D, U * P * P)
+        self.to_tokens = nn.Linear(U * self.P ** 2, D)                  # a patch's U x P x P features -> D
+        self.from_tokens = nn.Linear(D, U * self.P ** 2)
         self.up = ResBlock(2 * U, U, D)
-        self.norm_out, self.conv_out = nn.GroupNorm(1, U), nn.Conv2d(U, cfg.channels, 3, padding=1)
+        self.norm_out, self.conv_out = nn.GroupNorm(1, U), nn.Conv2d(U, cfg.channels * s * s, 3, padding=1)
         # speed only, the same numbers: weights and images stored channels-last, (I, I, U)
         # in memory, the layout CPU convolutions run fastest in (docs/speed.md)
         self.to(memory_format=torch.channels_last)
 
     def encode(self, x, temb):
-        x = x.contiguous(memory_format=torch.channels_last)              # (M, C, I, I); a no-op if C = 1
+        x = F.pixel_unshuffle(x, self.s)                                # (M, C s s, I/s, I/s)
+        x = x.contiguous(memory_format=torch.channels_last)              # a no-op if C s s = 1
         skip = self.down(self.conv_in(x), temb)                         # (M, U, I, I)
         h = patchify(skip, self.P)                                      # (M, N, U*P*P), raster order
         return self.to_tokens(h) + temb[:, None, :], skip               # (M, N, D); t again (docstring)
@@ -319,7 +323,7 @@ class UNetPatches(nn.Module):
         h = unpatchify(self.from_tokens(h), self.P, self.U)              # (M, U, I, I)
         h = h.contiguous(memory_format=torch.channels_last)              # as skip, for the convs (speed)
         h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, U, I, I)
-        return self.conv_out(F.silu(self.norm_out(h)))                  # (M, C, I, I)
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.s)  # (M, C, I, I)
 
 
 # ---- 4. The Transfusion attention mask (§3 "Transfusion Attention", Fig. 4) ----
@@ -550,7 +554,7 @@ class Transfusion(nn.Module):
                 nn.init.zeros_(rb.conv2.weight)
             # the patch projections are the U-Net's P x P convs: they keep a conv's fan-in
             # init, uniform in +-1/sqrt(U P P), like the convs around them
-            bound = 1 / math.sqrt(self.cfg.unet_channels * self.cfg.patch_size ** 2)
+            bound = 1 / math.sqrt(self.patches.to_tokens.in_features)
             for lin in (self.patches.to_tokens, self.patches.from_tokens):
                 nn.init.uniform_(lin.weight, -bound, bound)
                 nn.init.uniform_(lin.bias, -bound, bound)
