@@ -58,7 +58,8 @@ def run(row, seed, args):
     shared = os.path.join(args.root, "referee.pt")          # one referee for every row: same judge, 1 min saved
     if os.path.exists(shared):
         shutil.copy(shared, os.path.join(out, "referee.pt"))
-    cmd = [sys.executable, "train_mnist.py", "--data-dir", args.data_dir, "--out", out, "--seed", str(seed),
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_mnist.py")
+    cmd = [sys.executable, script, "--data-dir", args.data_dir, "--out", out, "--seed", str(seed),
            *(["--steps", str(args.steps)] if args.steps else []), *BASE, *ROWS[row], *LIGHT]
     print(" ".join(cmd[1:]), flush=True)
     with open(os.path.join(out, "log.txt"), "w") as log:

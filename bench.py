@@ -117,7 +117,8 @@ def bench_train(args, data, device, repeats):
     # the real loop: train() logs every step (--log-every 0); the time between two log lines is a step
     stamps = []
     tm.train(run, log=lambda line: stamps.append(time.perf_counter()) if line.startswith("step") else None)
-    gaps = [b - a for a, b in zip(stamps[5:], stamps[6:])]                # after 5 warm-up steps
+    warm = min(5, len(stamps) // 2)                                       # warm-up steps left out
+    gaps = [b - a for a, b in zip(stamps[warm:], stamps[warm + 1:])]
     loop = statistics.median(gaps)
     gen = torch.Generator().manual_seed(0)
     seqs = [s for _ in range(20) for s in tm.make_sequences(images[:run.batch_size], labels[:run.batch_size], gen,
@@ -142,7 +143,9 @@ def bench_sample(args, device, repeats):
     if args.ckpt and os.path.exists(args.ckpt):
         model, source = tm.load_checkpoint(args.ckpt, device), args.ckpt
     else:
-        model = ScriptedText(tm.model_config(tm.parse_args(args.flags.split()))).to(device).eval()
+        flags = tm.parse_args(args.flags.split())
+        model = ScriptedText(tm.model_config(flags)).to(device).eval()
+        model.sample_defaults = tm.sample_defaults(flags)                    # e.g. --sample-steps in --flags
         source = "untrained, scripted text"
     labels = torch.arange(args.sample_digits) % 10
     t_cache = median_time(lambda: tm.generate_digits(model, labels), device, 1, repeats)

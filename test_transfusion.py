@@ -4,7 +4,6 @@ Run: pytest -q
 """
 import math
 import os
-import struct
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from transfusion import (Transfusion, TransfusionConfig, add_noise, classifier_f
                          cosine_alpha_bar, ddim_step, ddpm_step, drop_condition, max_timesteps, objective,
                          pack, patchify, sampling_timesteps, transfusion_mask, unpatchify)
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 BOS, BOI, EOI, EOS, PAD = 11, 12, 13, 14, 10
 
 # Tiny tensors: one thread is as fast, and several fight any other job for the cores
@@ -811,7 +811,7 @@ def test_the_method_trains_and_decodes_without_the_speed_section():
     ([text(BOS), torch.rand(1, 5, 5)], "shape"),
     ([text(BOS), torch.rand(3, 4, 4)], "shape"),
     ([text(BOS), torch.rand(4, 4)], "shape"),
-    ([text(BOS, 15)], "outside the vocabulary"),
+    ([text(BOS, 16)], "outside the vocabulary"),
     ([text(BOS, -1)], "outside the vocabulary"),
     ([text(BOS, BOI)], "BOI"),
     ([text(BOS, 3), image(0), text(PAD)], "PAD"),
@@ -869,20 +869,10 @@ def test_bad_config_and_sampler_arguments_raise():
 
 # ---- train_mnist.py on a synthetic stand-in for MNIST ----
 
-def write_fake_mnist(root, n_train=200, n_test=50, folder="MNIST"):
-    """Tiny MNIST in torchvision's raw layout: digit d is a bright bar at row 2 + 2d."""
-    raw = os.path.join(root, folder, "raw")
-    os.makedirs(raw)
-    g = torch.Generator().manual_seed(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = torch.arange(n) % 10
-        imgs = (torch.rand(n, 28, 28, generator=g) * 40).to(torch.uint8)
-        for i, d in enumerate(labels.tolist()):
-            imgs[i, 2 + 2 * d:4 + 2 * d, 4:24] = 255
-        with open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "wb") as f:
-            f.write(struct.pack(">IIII", 2051, n, 28, 28) + imgs.numpy().tobytes())
-        with open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
-            f.write(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
+def write_fake_mnist(root, folder="MNIST"):
+    """Tiny MNIST in torchvision's raw layout (digit d: a bright bar at row 2 + 2d), as bench.py uses."""
+    from mnist_numbers import write_standin_mnist
+    return write_standin_mnist(root, folder=folder)
 
 
 TINY_RUN = ["--batch-size", "8", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--ffn-hidden", "64",
@@ -1267,28 +1257,157 @@ def test_pictures_are_returned_as_figures_without_touching_the_global_backend():
     assert isinstance(mnist_eval.mask_figure(model), Figure)
 
 
-# ---- the README's notebook cells run as written ----
+# ---- safe to use from a notebook: refusals, pictures, the decoding GIF ----
 
-def test_readme_notebook_blocks_run_verbatim(tmp_path):
-    """The ```python blocks of README "From a notebook", executed verbatim in one namespace;
-    only the sizes and paths that the first block sets are replaced by a tiny synthetic run."""
+def test_train_from_python_refuses_a_finished_run_and_continues_only_when_asked(fake_data, tmp_path, capsys):
+    import train_mnist as tm
+    out = tmp_path / "out"
+    assert run_script(fake_data, out, "--steps", "2", *NO_EVAL)[0] == 0
+    before = (out / "ckpt.pt").read_bytes()
+    args = tm.parse_args(["--data-dir", fake_data, "--out", str(out), *TINY_RUN, "--steps", "2"])
+    with pytest.raises(ValueError, match="holds a finished run: continue it with --resume"):
+        tm.train(args, log=lambda m: None)                    # what re-running a notebook cell does
+    assert (out / "ckpt.pt").read_bytes() == before           # nothing was overwritten
+    capsys.readouterr()
+    assert run_script(fake_data, out, "--steps", "2", *NO_EVAL)[0] != 0
+    assert "holds a finished run" in capsys.readouterr().err      # the command line says the same
+
+
+def test_progress_pictures_leave_the_trained_model_unchanged(fake_data, tmp_path):
+    """The pictures draw with their own generator: a run with a picture after every step ends
+    in the checkpoint of a run without any."""
+    lines = []
+    run_script(fake_data, tmp_path / "plain", "--steps", "4", "--progress-every", "0", *NO_EVAL)
+    run_script(fake_data, tmp_path / "pics", "--steps", "4", "--progress-every", "1e-9", *NO_EVAL, log=lines.append)
+    assert (tmp_path / "pics" / "progress.png").stat().st_size > 0
+    assert not (tmp_path / "plain" / "progress.png").exists()
+    assert sum("progress.png" in m for m in lines) == 4     # one picture per step here, each announced
+    (_, ta), (_, tb) = ckpt_tensors(tmp_path / "plain" / "ckpt.pt"), ckpt_tensors(tmp_path / "pics" / "ckpt.pt")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_read_number_refuses_what_it_cannot_read_and_takes_uint8_pixels():
+    import train_mnist as tm
+    torch.manual_seed(0)
+    model = Transfusion(tm.mnist_config(d_model=32, n_heads=2, n_layers=1, ffn_hidden=64, unet_channels=4)).eval()
+    with pytest.raises(ValueError, match="no images"):
+        tm.read_number(model, torch.zeros(0, 1, 28, 28))
+    with pytest.raises(ValueError, match="divide"):        # floats in 0..255: the fix is named
+        tm.read_number(model, torch.full((2, 1, 28, 28), 200.0))
+    with pytest.raises(ValueError, match="uint8"):
+        tm.read_number(model, torch.zeros(2, 1, 28, 28, dtype=torch.long))
+    with pytest.raises(ValueError, match="NaN"):
+        tm.read_number(model, torch.full((2, 1, 28, 28), float("nan")))
+    u8 = (torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    assert tm.read_number(model, u8) == tm.read_number(model, u8.float().div(255).unsqueeze(1))  # load_digits' pixels
+
+
+def test_every_picture_shows_itself_in_a_notebook_without_pyplot():
+    """IPython displays any object with _repr_png_: no `%matplotlib inline` needed."""
+    import mnist_eval
+    import train_mnist as tm
+    model = Transfusion(tm.mnist_config(d_model=32, n_heads=2, n_layers=1, ffn_hidden=64, unet_channels=4))
+    figs = [mnist_eval.grid_figure(torch.rand(4, 1, 28, 28), ncol=4), mnist_eval.mask_figure(model),
+            mnist_eval.loss_figure({"step": [1, 2], "lm": [2.0, 1.0], "ddpm": [1.0, 0.5]}),
+            mnist_eval.numbers_figure([("42", torch.rand(2, 1, 28, 28))])]
+    for fig in figs:
+        assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_pictures_keep_their_titles_inside_the_picture(tmp_path):
+    import matplotlib.image
+    import mnist_eval
+    fig = mnist_eval.numbers_figure([("7", torch.rand(1, 1, 28, 28))])   # a long title over a narrow picture
+    path = mnist_eval.save_figure(fig, str(tmp_path / "n.png"), dpi=90)
+    width = matplotlib.image.imread(path).shape[1]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig.set_dpi(90)
+    title = fig._suptitle.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert width >= title.width > fig.get_figwidth() * 90                # the title is wider than the axes
+
+
+def test_decoding_gif_shows_each_token_and_every_few_denoising_steps(trained_numbers, tmp_path):
+    from PIL import Image
+    import mnist_eval
+    model, _ = trained_numbers
+    model.sample_defaults = dict(steps=10, cfg_scale=1.0, sampler="ddpm")
+    try:
+        imgs, seq = mnist_eval.decoding_gif(model, "35", str(tmp_path / "d.gif"), every=5)
+    finally:
+        del model.sample_defaults
+    written = sum(len(seg) for seg in seq if not seg.is_floating_point()) - 4 + 2 * len(imgs)  # after BOS 3 5 ;
+    frames = Image.open(tmp_path / "d.gif").n_frames
+    # the prompt, then one frame per token written (BOI and EOI included) and 10 / 5 denoising frames
+    # per image; a GIF merges a frame identical to the one before it, so at most this many
+    assert len(imgs) == 2 and 2 * len(imgs) < frames <= 1 + written + 2 * len(imgs)
+
+
+# ---- every command and code block the README shows runs, on tiny sizes ----
+
+def readme_commands():
+    """The shell commands of README.md: lines of its bash blocks and `python ...` in its text."""
     import re
-    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8").read()
-    section = readme.split("\n## From a notebook\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) >= 3
-    ns = {}
-    exec(compile(blocks[0], "README block 1", "exec"), ns)
-    assert {"DATA", "OUT", "STEPS", "SIZE"} <= set(ns)           # the first block sets every size and path
-    write_fake_mnist(str(tmp_path / "data"))
-    ns.update(DATA=str(tmp_path / "data"), OUT=str(tmp_path / "out"), STEPS=2,
-              SIZE=["--batch-size", "8", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--ffn-hidden", "64",
-                    "--unet-channels", "8", "--sample-steps", "2", "--log-every", "0"])
-    for i, block in enumerate(blocks[1:], start=2):
-        exec(compile(block, f"README block {i}", "exec"), ns)
-    assert isinstance(ns["model"], Transfusion) and not ns["model"].training
-    assert isinstance(ns["imgs"], torch.Tensor) and ns["imgs"].shape[1:] == (1, 28, 28)
-    assert ns["how"] == "done" and ns["state"]["step"] == 2 and (tmp_path / "out" / "ckpt.pt").exists()
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", readme, re.S) for line in block.splitlines()]
+    return list(dict.fromkeys(c for c in lines + re.findall(r"`(python [^`]+)`", readme) if c)), readme
+
+
+def test_every_command_the_readme_shows_runs_on_tiny_sizes(tmp_path, monkeypatch, capsys):
+    """Each README command, verbatim but for DIR and tiny sizes appended (argparse: the last flag
+    wins), runs to the end; then the README's Python block, on the checkpoint it made."""
+    import re
+    import shlex
+    import ablations
+    import bench
+    import train_mnist as tm
+    commands, readme = readme_commands()
+    data, out = write_fake_mnist(str(tmp_path / "data")), str(tmp_path / "out")
+    small_eval = ["--eval-per-label", "1", "--eval-captions", "10", "--eval-numbers", "1", "--eval-reading", "1"]
+    monkeypatch.setattr(ablations, "LIGHT", TINY_RUN + small_eval)
+
+    def train_in_process(cmd, stdout, stderr):    # ablations.py's `python train_mnist.py ...`, without a new Python
+        assert cmd[1].endswith("train_mnist.py")
+        return tm.main(cmd[2:], log=lambda m: stdout.write(m + "\n"))
+    monkeypatch.setattr(ablations.subprocess, "call", train_in_process)
+    ran = []
+    for cmd in sorted(commands, key=lambda c: "--draw" in c or "--eval-only" in c):   # train before drawing
+        argv = shlex.split(cmd.replace("DIR", data).replace("ROW ...", "causal"))
+        if argv[0] in ("pip", "pytest"):       # CI's install step, and this suite
+            continue
+        assert argv[0] == "python", cmd
+        script, flags = argv[1], argv[2:]
+        if script == "train_mnist.py" and ("--draw" in flags or "--eval-only" in flags):
+            rc = tm.main(flags + ["--out", out, "--sample-steps", "2"], log=lambda m: None)
+        elif script == "train_mnist.py":
+            rc = tm.main(flags + ["--out", out, *TINY_RUN, "--steps", "2", *small_eval], log=lambda m: None)
+        elif script == "bench.py":
+            rc = bench.main(flags + ["--repeats", "1", "--loop-steps", "3", "--sample-digits", "2",
+                                     "--flags", " ".join(TINY_RUN[:14])])
+        elif script == "ablations.py":
+            rc = ablations.main(flags + ["--seeds", "0", "--steps", "2", "--root", str(tmp_path / "abl")])
+        else:
+            raise AssertionError(f"the README shows {cmd!r}: teach this test to run it")
+        assert rc in (0, None), cmd
+        ran.append(script)
+    assert {"train_mnist.py", "bench.py", "ablations.py"} <= set(ran)
+    assert os.path.exists(os.path.join(out, "draw_2026.gif"))
+    printed = capsys.readouterr().out
+    assert "| causal |" in printed                                 # ablations.py printed its table
+    # bench.py compares its training step with the real loop's in one line
+    assert re.search(r"^train step: bench [\d.]+ ms, loop [\d.]+ ms, ratio [\d.]+$", printed, re.M), printed
+    # the Python blocks, on the checkpoint made above; its 2-step model draws nothing yet, so its text
+    # head is scripted to open an image after each digit (bench.ScriptedText)
+    load = tm.load_checkpoint
+
+    def load_scripted(path, device="cpu"):
+        model = load(path, device)
+        model.__class__ = bench.ScriptedText
+        return model
+    monkeypatch.setattr(tm, "load_checkpoint", load_scripted)
+    for block in re.findall(r"```python\n(.*?)```", readme, re.S):
+        ns = {}
+        exec(compile(block.replace('"out/ckpt.pt"', repr(os.path.join(out, "ckpt.pt"))), "README", "exec"), ns)
+        assert len(ns["images"]) >= 1 and isinstance(ns["model"], Transfusion)
 
 
 # ---- ablations.py: rows that parse, a table that averages ----

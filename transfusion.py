@@ -72,13 +72,13 @@ Segment = torch.Tensor  # a 1-D LongTensor of token ids, or an image (C, I, I)
 class TransfusionConfig:
     # the defaults are the model train_mnist.py trains on 28x28 digits
     # text (§2.1): a closed vocabulary; the special tokens are ordinary ids in it
-    vocab_size: int = 15          # paper: Llama 2's 32k
+    vocab_size: int = 16          # 10 digits and 6 special ids; paper: Llama 2's 32k
     pad_id: int = 10
     bos_id: int = 11
     boi_id: int = 12              # begin of image (§3 "Data Representation")
     eoi_id: int = 13              # end of image
     eos_id: int = 14
-    max_seq_len: int = 64         # paper: 4096
+    max_seq_len: int = 43         # a 4-digit number and its images, room for a 5th; paper: 4096
     # transformer (§3 "Model Architecture", §4.1: Llama's settings)
     d_model: int = 128            # paper: 768-4096 (Table 2)
     n_layers: int = 2             # paper: 16-32
