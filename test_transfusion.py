@@ -1410,6 +1410,31 @@ def test_every_command_the_readme_shows_runs_on_tiny_sizes(tmp_path, monkeypatch
         assert len(ns["images"]) >= 1 and isinstance(ns["model"], Transfusion)
 
 
+# ---- the notebook: every code cell runs, in order, on tiny sizes ----
+
+def test_the_notebook_runs_cell_by_cell_on_tiny_sizes(monkeypatch, tmp_path):
+    """transfusion.ipynb's code cells executed in order in one namespace, as a kernel would, with
+    TRANSFUSION_NOTEBOOK_TINY=1 (its first cell switches to a tiny model and stand-in digits).
+    A cell ending in a figure would show it: the figures offer PNG to the notebook."""
+    import ast
+    import json
+    monkeypatch.setenv("TRANSFUSION_NOTEBOOK_TINY", "1")
+    monkeypatch.chdir(tmp_path)                        # no out/ckpt.pt here: the notebook trains its own
+    nb = json.load(open(os.path.join(HERE, "transfusion.ipynb"), encoding="utf-8"))
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    assert len(cells) >= 8 and not any(line.lstrip().startswith(("%", "!")) for c in cells for line in c.splitlines())
+    ns, shown = {}, []
+    for i, src in enumerate(cells):
+        tree = ast.parse(src)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, f"notebook cell {i}", "exec"), ns)
+        if last is not None:                           # what the kernel would display
+            shown.append(eval(compile(ast.Expression(last.value), f"notebook cell {i}", "eval"), ns))
+    figures = [x for x in shown if hasattr(x, "_repr_png_")]
+    assert len(figures) >= 3 and all(f._repr_png_()[:4] == b"\x89PNG" for f in figures)
+    assert isinstance(ns["model"], Transfusion)
+
+
 # ---- ablations.py: rows that parse, a table that averages ----
 
 def test_every_ablation_row_is_a_valid_command_and_the_table_averages_seeds(tmp_path):
