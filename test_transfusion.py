@@ -246,6 +246,21 @@ def test_the_noise_prediction_depends_on_the_timestep_it_is_told(encoder):
     assert not torch.allclose(e1, e2, atol=1e-4)
 
 
+def test_a_half_resolution_unet_still_sees_every_pixel():
+    """--unet-downsample 2 folds each 2x2 pixel block into channels before the U-Net's blocks
+    (pixel-unshuffle) and back after: nothing is thrown away, so every input pixel moves the
+    noise prediction, which keeps the image's shape."""
+    model = tiny_model(patch_encoder="unet", unet_downsample=2, image_size=8, patch_size=4)
+    x = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    _, e0 = model(model.collate([[text(BOS, 3, BOI), (x, 500)]]))
+    assert e0.shape == (1, 1, 8, 8)
+    for i, j in [(0, 0), (0, 1), (1, 0), (1, 1), (5, 6), (7, 7)]:   # every position of a 2x2 block, and others
+        x2 = x.clone()
+        x2[0, i, j] += 0.5
+        _, e2 = model(model.collate([[text(BOS, 3, BOI), (x2, 500)]]))
+        assert not torch.allclose(e0, e2, atol=1e-6), (i, j)
+
+
 # ---- diffusion (§2.2) ----
 
 def test_cosine_schedule_matches_closed_form_and_is_monotone():

@@ -94,7 +94,7 @@ class TransfusionConfig:
                                   # image pixels); with U-Net layers larger patches lose little (Table 6)
     patch_encoder: str = "unet"   # "linear" or "unet" (§3, §4.3.3)
     unet_channels: int = 16       # U, the width of the U-Net down/up blocks
-    unet_downsample: int = 1      # the U-Net's blocks run at I / unet_downsample (pixel-unshuffle)
+    unet_downsample: int = 1      # 2: blocks at I/2 (pixel-unshuffle): faster, worse digits (docs/speed.md)
     # diffusion (§2.2)
     T: int = 1000                 # training timesteps, as the paper
     cosine_s: float = 0.008       # Nichol & Dhariwal's offset
