@@ -1386,7 +1386,8 @@ def test_every_command_the_readme_shows_runs_on_tiny_sizes(tmp_path, monkeypatch
     monkeypatch.setattr(ablations.subprocess, "call", train_in_process)
     ran = []
     for cmd in sorted(commands, key=lambda c: "--draw" in c or "--eval-only" in c):   # train before drawing
-        argv = shlex.split(cmd.replace("DIR", data).replace("ROW ...", "causal"))
+        # the README's placeholders: DIR (the data), ROW ... (ablation rows), S (a seed)
+        argv = shlex.split(cmd.replace("DIR", data).replace("ROW ...", "causal").replace("--seed S", "--seed 0"))
         if argv[0] in ("pip", "pytest"):       # CI's install step, and this suite
             continue
         assert argv[0] == "python", cmd
@@ -1394,7 +1395,8 @@ def test_every_command_the_readme_shows_runs_on_tiny_sizes(tmp_path, monkeypatch
         if script == "train_mnist.py" and ("--draw" in flags or "--eval-only" in flags):
             rc = tm.main(flags + ["--out", out, "--sample-steps", "2"], log=lambda m: None)
         elif script == "train_mnist.py":
-            rc = tm.main(flags + ["--out", out, *TINY_RUN, "--steps", "2", *small_eval], log=lambda m: None)
+            fresh = out if not os.path.exists(os.path.join(out, "ckpt.pt")) else f"{out}_{len(ran)}"   # a new run each
+            rc = tm.main(flags + ["--out", fresh, *TINY_RUN, "--steps", "2", *small_eval], log=lambda m: None)
         elif script == "bench.py":
             rc = bench.main(flags + ["--repeats", "1", "--loop-steps", "3", "--sample-digits", "2",
                                      "--flags", " ".join(TINY_RUN[:14])])
