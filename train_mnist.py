@@ -231,6 +231,7 @@ def train(args, state=None, log=print):
     images = to_model_range(images_u8)
     state = new_state(args, device) if fresh else state
     model, ema = state["model"], state["ema"]
+    ema.sample_defaults = sample_defaults(args)   # how the progress pictures (and later users) sample
     bf16 = use_bf16(device, args.fp32)
     cfg = model.cfg
     log(f"device {device}{' (bf16 autocast)' if bf16 else ''}, {model.num_params() / 1e6:.2f}M parameters, "
