@@ -216,7 +216,7 @@ def refuse_to_overwrite(path):
 
 
 def train(args, state=None, log=print):
-    """Train for args.steps steps; with `state` (a run interrupted in this session, or restored
+    """Train for args.steps steps; with `state` (a run interrupted in this Python process, or restored
     from a checkpoint), continue it. The LR schedule, the EMA warm-up and the data order follow
     the step count alone, so the same seed gives the same model. Saves <out>/ckpt.pt every
     --ckpt-every minutes and at the end, and <out>/progress.png every --progress-every minutes.

@@ -315,14 +315,14 @@ class UNetPatches(nn.Module):
     def encode(self, x, temb):
         x = F.pixel_unshuffle(x, self.s)                                # (M, C s s, I/s, I/s)
         x = x.contiguous(memory_format=torch.channels_last)              # a no-op if C s s = 1
-        skip = self.down(self.conv_in(x), temb)                         # (M, U, I, I)
+        skip = self.down(self.conv_in(x), temb)                         # (M, U, I/s, I/s)
         h = patchify(skip, self.P)                                      # (M, N, U*P*P), raster order
         return self.to_tokens(h) + temb[:, None, :], skip               # (M, N, D); t again (docstring)
 
     def decode(self, h, temb, skip):
-        h = unpatchify(self.from_tokens(h), self.P, self.U)              # (M, U, I, I)
+        h = unpatchify(self.from_tokens(h), self.P, self.U)              # (M, U, I/s, I/s)
         h = h.contiguous(memory_format=torch.channels_last)              # as skip, for the convs (speed)
-        h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, U, I, I)
+        h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, U, I/s, I/s)
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.s)  # (M, C, I, I)
 
 
