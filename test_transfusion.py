@@ -480,8 +480,8 @@ def test_the_loss_shows_each_image_at_its_t_and_regresses_the_noise_it_added(mon
     monkeypatch.setattr(transfusion, "add_noise",
                         lambda x0, t, eps, ab: noised.append((x0, t, eps)) or add_noise_(x0, t, eps, ab))
     monkeypatch.setattr(transfusion, "objective",
-                        lambda cfg, batch, logits, eps_hat, eps: scored.append((batch, eps)) or
-                        objective_(cfg, batch, logits, eps_hat, eps))
+                        lambda cfg, batch, logits, eps_hat, eps, weight=None: scored.append((batch, eps)) or
+                        objective_(cfg, batch, logits, eps_hat, eps, weight))
     model.loss([[text(BOS, 3), image(0), text(EOS)], [text(BOS), image(1), text(4), image(2), text(EOS)]],
                generator=torch.Generator().manual_seed(0))
     (x0, t, eps), (batch, target) = noised[0], scored[0]
@@ -659,6 +659,77 @@ def test_kv_cached_decoding_equals_full_recomputation(encoder):
         for x, y in zip(a, b):
             assert x.dtype == y.dtype and x.shape == y.shape
             assert torch.allclose(x.float(), y.float(), atol=1e-4)
+
+
+def test_unet_slices_give_the_numbers_of_one_call():
+    model = tiny_model(patch_encoder="unet")
+    u = model.patches
+    x, temb = torch.randn(7, 1, 4, 4), torch.randn(7, model.cfg.d_model)
+    with torch.no_grad():
+        u.slice = 100
+        h, skip = u.encode(x, temb)
+        y = u.decode(h, temb, skip)
+        u.slice = 3                                     # 7 images: slices of 3, 3 and 1
+        h3, skip3 = u.encode(x, temb)
+        y3 = u.decode(h3, temb, skip3)
+    torch.testing.assert_close(h3, h, rtol=0, atol=1e-6)
+    torch.testing.assert_close(skip3, skip, rtol=0, atol=1e-6)
+    torch.testing.assert_close(y3, y, rtol=0, atol=1e-6)
+
+
+def test_guidance_encodes_each_x_t_once_and_draws_what_two_encodings_draw(monkeypatch):
+    import transfusion
+    model = tiny_model(patch_encoder="unet", max_seq_len=20)
+    force_next_token(model, {3: BOI, EOI: 4, 4: BOI})     # two images a row, drawn in two phases
+    prompts = [[text(BOS, 3)], [text(BOS, 2, 6, 3)]]
+    kw = dict(steps=3, max_new_tokens=8, guidance_scale=2.0)
+    calls = []
+    encode = type(model.patches).encode
+    monkeypatch.setattr(type(model.patches), "encode", lambda self, x, temb: calls.append(len(x)) or encode(self, x, temb))
+    once = model.generate(prompts, generator=torch.Generator().manual_seed(0), **kw)
+    assert calls == [2] * 4 + [2] * 4          # per phase: 3 steps encoding x_t once, then the clean images
+
+    class Twice:  # DownPathOnce switched off: both passes encode x_t
+        def __init__(self, patches):
+            pass
+
+        def __enter__(self):
+            pass
+
+        def __exit__(self, *exc):
+            pass
+    monkeypatch.setattr(transfusion, "DownPathOnce", Twice)
+    calls.clear()
+    twice = model.generate(prompts, generator=torch.Generator().manual_seed(0), **kw)
+    assert len(calls) == 2 * (2 * 3 + 1)
+    assert [sum(s.is_floating_point() for s in a) for a in once] == [2, 2]
+    assert [len(a) for a in once] == [len(b) for b in twice]
+    for a, b in zip(once, twice):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert "encode" not in vars(model.patches)             # the block put the method back
+
+
+def test_min_snr_weights_only_the_low_noise_steps_and_off_is_the_papers_loss(monkeypatch):
+    import transfusion
+    ab = cosine_alpha_bar(1000)
+    w = transfusion.min_snr_weight(ab[1:], 5.0)                           # t = 1..1000
+    snr = ab[1:] / (1 - ab[1:])
+    assert torch.allclose(w[snr <= 5], torch.ones(int((snr <= 5).sum())))  # noisy steps keep weight 1
+    assert torch.allclose(w[snr > 5], 5 / snr[snr > 5]) and (w[snr > 5] < 1).all()
+    # the objective weighs each image's MSE; the loss passes the weights of the t it drew
+    model = tiny_model()
+    batch = model.collate([model.with_markers([text(BOS, 1), image(0), text(2), image(1), image(2)])])
+    logits, eps_hat = model(batch)
+    eps = eps_hat.detach() + torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1)   # MSEs 1, 4, 9
+    ddpm = objective(model.cfg, batch, logits, eps_hat, eps, torch.tensor([1.0, 0.5, 0.0]))[2]
+    assert torch.allclose(ddpm, torch.tensor((1 + 2 + 0) / 3))
+    seen = []
+    monkeypatch.setattr(transfusion, "min_snr_weight", lambda ab_t, g: seen.append(g) or torch.zeros_like(ab_t))
+    seq = [[text(BOS, 3), image(0), text(EOS)]]
+    assert tiny_model().loss(seq, generator=torch.Generator().manual_seed(0))[2] > 0 and not seen
+    assert TransfusionConfig().min_snr_gamma == 0                          # the paper's Eq. 3 by default
+    assert tiny_model(min_snr_gamma=5.0).loss(seq, generator=torch.Generator().manual_seed(0))[2] == 0
+    assert seen == [5.0]
 
 
 def test_kv_cache_logits_match_a_full_forward():

@@ -37,11 +37,11 @@ from transfusion import Transfusion, TransfusionConfig
 # the flags that set the model (TransfusionConfig's fields), and those that define a run: a
 # resumed run takes them from its checkpoint
 MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "patch_encoder", "unet_channels",
-               "unet_downsample", "lam", "image_attention", "image_first_max_t")
+               "unet_downsample", "lam", "image_attention", "image_first_max_t", "min_snr_gamma")
 RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup",
                            "ema", "fp32", "dataset", "clean_t")
 CKPT_FORMAT = 5   # what a checkpoint holds; another version's format is refused with a message
-OLDER_RUNS = {"unet_downsample": 1}   # what a checkpoint written before a flag existed trained with
+OLDER_RUNS = {"unet_downsample": 1, "min_snr_gamma": 0.0}   # what a checkpoint written before a flag existed trained with
 
 
 def model_config(args) -> TransfusionConfig:
@@ -384,6 +384,9 @@ def build_parser():
     a("--image-first-max-t", type=flag_type(int, 1, 1000), default=c.image_first_max_t,
       help="noise cap for images before their caption (§4.3.4); 1000 turns it off")
     a("--lam", type=flag_type(float, 0), default=c.lam, help="lambda of Eq. 4 (paper: 5)")
+    a("--min-snr-gamma", type=flag_type(float, 0), default=c.min_snr_gamma,
+      help="0: the paper's plain diffusion MSE (Eq. 3); > 0: min-SNR-gamma weights over t, not the "
+           "paper's (docs/speed.md)")
     a("--clean-t", type=flag_type(int, 1, 1000), help=f"the timestep a clean image is shown at (default: the "
                                                    f"checkpoint's, or {c.clean_t})")
     # optimisation

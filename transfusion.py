@@ -104,6 +104,7 @@ class TransfusionConfig:
     cond_drop_prob: float = 0.1   # paper: not given; DiT's value
     image_first_max_t: int = 500  # noise cap for images before their caption (§4.3.4)
     clean_t: int = 50             # the t a clean image is shown at (paper: not given; see docstring)
+    min_snr_gamma: float = 0.0    # 0: the paper's plain MSE (Eq. 3); > 0: min-SNR weights (section 8)
 
     @property
     def n_patches(self) -> int:  # N, patches per image
@@ -311,8 +312,14 @@ class UNetPatches(nn.Module):
         # speed only, the same numbers: weights and images stored channels-last, (I, I, U)
         # in memory, the layout CPU convolutions run fastest in (docs/speed.md)
         self.to(memory_format=torch.channels_last)
+        # speed only, the same numbers: on a CPU, more images than this (sampling draws
+        # hundreds at once) go through in slices whose activations stay in the CPU's caches
+        self.slice = 128
 
     def encode(self, x, temb):
+        if len(x) > self.slice and x.device.type == "cpu":  # speed only (see `slice` below)
+            parts = [self.encode(x[i:i + self.slice], temb[i:i + self.slice]) for i in range(0, len(x), self.slice)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         x = F.pixel_unshuffle(x, self.s)                                # (M, C s s, I/s, I/s)
         x = x.contiguous(memory_format=torch.channels_last)              # a no-op if C s s = 1
         skip = self.down(self.conv_in(x), temb)                         # (M, U, I/s, I/s)
@@ -320,6 +327,9 @@ class UNetPatches(nn.Module):
         return self.to_tokens(h) + temb[:, None, :], skip               # (M, N, D); t again (docstring)
 
     def decode(self, h, temb, skip):
+        if len(h) > self.slice and h.device.type == "cpu":
+            return torch.cat([self.decode(h[i:i + self.slice], temb[i:i + self.slice], skip[i:i + self.slice])
+                              for i in range(0, len(h), self.slice)])
         h = unpatchify(self.from_tokens(h), self.P, self.U)              # (M, U, I/s, I/s)
         h = h.contiguous(memory_format=torch.channels_last)              # as skip, for the convs (speed)
         h = self.up(torch.cat([h, skip], dim=1), temb)                  # (M, U, I/s, I/s)
@@ -692,22 +702,35 @@ def transfusion_loss(model: Transfusion, seqs: Sequence[Sequence[Segment]],
     items = [[next(noisy) if isinstance(item, tuple) else item for item in with_markers(cfg, seq)] for seq in seqs]
     batch = collate(cfg, items, device, packed=packed)
     logits, eps_hat = model(batch)
-    return objective(cfg, batch, logits, eps_hat, eps)
+    weight = min_snr_weight(model.alpha_bar[t.to(device)], cfg.min_snr_gamma) if cfg.min_snr_gamma > 0 else None
+    return objective(cfg, batch, logits, eps_hat, eps, weight)
 
 
-def objective(cfg: TransfusionConfig, batch: Batch, logits, eps_hat, eps):
+def objective(cfg: TransfusionConfig, batch: Batch, logits, eps_hat, eps, weight=None):
     """Eq. 4 from the model's outputs: (total, lm, ddpm). LM loss: the cross-entropy of each
     text position's next token (Eq. 1), where `collate` set a target (none where the input
     is BOI, footnote 8, at patches or at padding). Diffusion loss per image (Eq. 3): the MSE
-    over one image's pixels, averaged over images, so each image weighs the same."""
+    over one image's pixels, averaged over images, so each image weighs the same (unless
+    `weight`, one number per image, says otherwise: min_snr_weight below)."""
     has_target = batch.targets >= 0                                  # (B, S)
     lm = (F.cross_entropy(logits[has_target].float(), batch.targets[has_target])  # Eq. 1
           if has_target.any() else torch.zeros((), device=logits.device))
     if eps_hat is not None and eps_hat.shape[0]:
-        ddpm = (eps_hat.float() - eps).pow(2).mean(dim=(1, 2, 3)).mean()  # Eq. 3
+        per_image = (eps_hat.float() - eps).pow(2).mean(dim=(1, 2, 3))  # (M,) Eq. 3
+        ddpm = (per_image if weight is None else weight * per_image).mean()
     else:
         ddpm = torch.zeros((), device=logits.device)
     return lm + cfg.lam * ddpm, lm, ddpm                            # Eq. 4
+
+
+def min_snr_weight(alpha_bar_t, gamma: float):
+    """Not the paper's (it weighs every image alike: config.min_snr_gamma = 0). Min-SNR-gamma
+    weights for epsilon-prediction (Hang et al. 2023): min(SNR, gamma) / SNR per image, with
+    SNR = alpha_bar_t / (1 - alpha_bar_t). Nearly clean images (SNR above gamma), whose noise is
+    hard to see and whose MSE is the largest, count less; the MNIST run trains faster with it
+    (docs/speed.md)."""
+    snr = alpha_bar_t / (1 - alpha_bar_t)
+    return snr.clamp(max=gamma) / snr
 
 
 # ---- 9. Decoding (§3 "Inference"): samplers, guidance, the decoding loop ----
@@ -947,6 +970,30 @@ def forward_cached(model: Transfusion, batch: Batch, cache: KVCache, commit: boo
     return model.predict(h, batch, image_state)
 
 
+class DownPathOnce:
+    """Speed only, the same numbers: guidance runs the model twice on the same x_t at the same
+    t, in the conditional context and then in the unconditional one. The patch encoder (the
+    U-Net's down path) sees only x_t and t, so inside this block its second call on equal
+    inputs returns the first call's result instead of computing it again."""
+
+    def __init__(self, patches: nn.Module):
+        self.patches, self.last = patches, None
+
+    def encode_once(self, x, temb):
+        last = self.last
+        if last is not None and torch.equal(x, last[0]) and torch.equal(temb, last[1]):
+            return last[2]
+        self.last = (x, temb, type(self.patches).encode(self.patches, x, temb))
+        return self.last[2]
+
+    def __enter__(self):
+        self.patches.encode = self.encode_once       # shadows the class's method on this object
+
+    def __exit__(self, *exc):
+        del self.patches.encode                      # back to the class's method
+        self.last = None
+
+
 @dataclass
 class Row:
     """One sequence being decoded by `generate`."""
@@ -1029,9 +1076,10 @@ def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_ne
                 at_t = [[] for _ in rows]
                 for i, b in enumerate(drawing):
                     at_t[b] = [(x[i], t)]
-                _, eps = run_rows(model, [r.items for r in rows], at_t, cache, commit=False)
-                if guidance_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
-                    eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), guidance_scale)
+                with DownPathOnce(model.patches):
+                    _, eps = run_rows(model, [r.items for r in rows], at_t, cache, commit=False)
+                    if guidance_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
+                        eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), guidance_scale)
                 noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
                 x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise)
                 if on_step is not None:
