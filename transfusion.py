@@ -317,7 +317,7 @@ class UNetPatches(nn.Module):
         self.slice = 128
 
     def encode(self, x, temb):
-        if len(x) > self.slice and x.device.type == "cpu":  # speed only (see `slice` below)
+        if len(x) > self.slice and x.device.type == "cpu":  # speed only (`self.slice` above)
             parts = [self.encode(x[i:i + self.slice], temb[i:i + self.slice]) for i in range(0, len(x), self.slice)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         x = F.pixel_unshuffle(x, self.s)                                # (M, C s s, I/s, I/s)
