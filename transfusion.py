@@ -727,8 +727,8 @@ def min_snr_weight(alpha_bar_t, gamma: float):
     """Not the paper's (it weighs every image alike: config.min_snr_gamma = 0). Min-SNR-gamma
     weights for epsilon-prediction (Hang et al. 2023): min(SNR, gamma) / SNR per image, with
     SNR = alpha_bar_t / (1 - alpha_bar_t). Nearly clean images (SNR above gamma), whose noise is
-    hard to see and whose MSE is the largest, count less; the MNIST run trains faster with it
-    (docs/speed.md)."""
+    hard to see and whose MSE is the largest, count less. Measured as a speed lever, not adopted:
+    docs/speed.md."""
     snr = alpha_bar_t / (1 - alpha_bar_t)
     return snr.clamp(max=gamma) / snr
 
