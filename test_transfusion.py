@@ -685,7 +685,8 @@ def test_guidance_encodes_each_x_t_once_and_draws_what_two_encodings_draw(monkey
     kw = dict(steps=3, max_new_tokens=8, guidance_scale=2.0)
     calls = []
     encode = type(model.patches).encode
-    monkeypatch.setattr(type(model.patches), "encode", lambda self, x, temb: calls.append(len(x)) or encode(self, x, temb))
+    monkeypatch.setattr(type(model.patches), "encode",
+                        lambda self, x, temb: calls.append(len(x)) or encode(self, x, temb))
     once = model.generate(prompts, generator=torch.Generator().manual_seed(0), **kw)
     assert calls == [2] * 4 + [2] * 4          # per phase: 3 steps encoding x_t once, then the clean images
 

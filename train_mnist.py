@@ -41,7 +41,8 @@ MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "pa
 RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup",
                            "ema", "fp32", "dataset", "clean_t")
 CKPT_FORMAT = 5   # what a checkpoint holds; another version's format is refused with a message
-OLDER_RUNS = {"unet_downsample": 1, "min_snr_gamma": 0.0}   # what a checkpoint written before a flag existed trained with
+# what a checkpoint written before a flag existed trained with
+OLDER_RUNS = {"unet_downsample": 1, "min_snr_gamma": 0.0}
 
 
 def model_config(args) -> TransfusionConfig:
