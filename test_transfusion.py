@@ -1185,6 +1185,21 @@ def test_same_seed_same_model(fake_data, tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_bf16_autocast_on_a_cpu_is_opt_in_and_gives_the_fp32_loss_to_bf16_rounding():
+    import train_mnist as tm
+    cpu = torch.device("cpu")
+    assert not tm.use_bf16(cpu) and tm.use_bf16(cpu, cpu_bf16=True) and not tm.use_bf16(cpu, True, True)
+    assert not tm.build_parser().get_default("bf16")                      # the default run trains in fp32
+    model = tiny_model(patch_encoder="unet").train()
+    seqs = [[text(BOS, 3), image(0), text(EOS)], [image(1), text(4, EOS)]]
+    losses = []
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses.append(torch.stack(model.loss(seqs, generator=torch.Generator().manual_seed(0))).float())
+    assert not torch.equal(losses[0], losses[1])                          # autocast did round
+    assert torch.allclose(losses[0], losses[1], rtol=0.01)                # bf16: 8 bits of mantissa
+
+
 def test_a_minutes_cap_that_is_not_reached_changes_nothing(fake_data, tmp_path):
     run_script(fake_data, tmp_path / "a", "--steps", "5", *NO_EVAL)
     run_script(fake_data, tmp_path / "b", "--steps", "5", "--minutes", "60", *NO_EVAL)

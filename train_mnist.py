@@ -39,7 +39,7 @@ from transfusion import Transfusion, TransfusionConfig
 MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "patch_encoder", "unet_channels",
                "unet_downsample", "lam", "image_attention", "image_first_max_t", "min_snr_gamma")
 RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup",
-                           "ema", "fp32", "dataset", "clean_t")
+                           "ema", "fp32", "bf16", "dataset", "clean_t")
 CKPT_FORMAT = 5   # what a checkpoint holds; another version's format is refused with a message
 # what a checkpoint written before a flag existed trained with
 OLDER_RUNS = {"unet_downsample": 1, "min_snr_gamma": 0.0}
@@ -89,9 +89,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def use_bf16(device: torch.device, fp32: bool = False) -> bool:
-    """bf16 autocast on a GPU that has it (unless --fp32); fp32 on a CPU (docs/speed.md)."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported() and not fp32
+def use_bf16(device: torch.device, fp32: bool = False, cpu_bf16: bool = False) -> bool:
+    """Training's autocast: bf16 on a GPU that has it (unless --fp32); on a CPU fp32 unless --bf16
+    asks for it (fast only with AVX-512 BF16 or AMX; docs/speed.md). Sampling is fp32 everywhere."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported() and not fp32
+    return cpu_bf16 and not fp32
 
 
 def train_step(model, opt, ema_params, model_params, seqs, gen, ema_decay: float, bf16: bool):
@@ -233,7 +236,7 @@ def train(args, state=None, log=print):
     state = new_state(args, device) if fresh else state
     model, ema = state["model"], state["ema"]
     ema.sample_defaults = sample_defaults(args)   # how the progress pictures (and later users) sample
-    bf16 = use_bf16(device, args.fp32)
+    bf16 = use_bf16(device, args.fp32, args.bf16)
     cfg = model.cfg
     log(f"device {device}{' (bf16 autocast)' if bf16 else ''}, {model.num_params() / 1e6:.2f}M parameters, "
         f"{cfg.patch_encoder} patches {cfg.patch_size}x{cfg.patch_size} ({cfg.n_patches} per image), "
@@ -366,6 +369,7 @@ def build_parser():
     a("--progress-every", type=flag_type(float, 0), default=3.0,
       help="minutes between progress pictures (<out>/progress.png); 0: none")
     a("--fp32", action="store_true", help="no bf16 autocast on a GPU: train in fp32, as on a CPU")
+    a("--bf16", action="store_true", help="bf16 autocast on a CPU too (opt-in: pays with AVX-512 BF16 or AMX)")
     # data
     a("--batch-size", type=count, default=64, help="digits per step (in numbers of 1..--max-digits digits)")
     a("--max-digits", type=count, default=4, help="longest number in training")
