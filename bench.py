@@ -2,9 +2,10 @@
 How fast the default MNIST run trains and samples on this machine, and how close training
 runs to the machine's limit (nanoGPT's MFU). No MNIST needed: stand-in digits.
 
-    python bench.py                       # CPU, about 2 minutes on 2 cores
+    python bench.py                       # CPU, about a minute on 2 cores
     python bench.py --device cuda         # GPU (bf16 autocast in training, as train_mnist.py)
     python bench.py --ckpt out/ckpt.pt    # sampling rows with a trained model
+    python bench.py --flags=--bf16        # bf16 autocast in training on a CPU (pays with AMX)
 
 It prints one table, every time a median of several runs after warm-up:
 - the training step as train_mnist.py runs it (`train_mnist.run_step`: the next batch of
@@ -111,8 +112,10 @@ def bench_train(args, data, device, repeats):
     u8, labels = tm.load_digits(data, train=True)
     images = tm.to_model_range(u8)
     state = tm.new_state(run, device)
-    bf16 = tm.use_bf16(device, run.fp32)
-    sec = median_time(lambda: tm.run_step(state, run, images, labels, bf16), device, warmup=3, repeats=repeats)
+    bf16 = tm.use_bf16(device, run.fp32, run.bf16)
+    # warm-up: the first step of each new batch shape (58-64 images) builds its conv kernels
+    # (oneDNN primitives); the loop below, later in the process, finds them built
+    sec = median_time(lambda: tm.run_step(state, run, images, labels, bf16), device, warmup=12, repeats=repeats)
     profile = profile_step(lambda: tm.run_step(state, run, images, labels, bf16)) if args.profile else None
     # the real loop: train() logs every step (--log-every 0); the time between two log lines is a step
     stamps = []
@@ -182,7 +185,8 @@ def main(argv=None):
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
-    bf16 = tm.use_bf16(device)
+    flags = tm.parse_args(args.flags.split())
+    bf16 = tm.use_bf16(device, flags.fp32, flags.bf16)            # MFU against the peak of the dtype trained in
     peak = matmul_peak(device, dtype=torch.bfloat16 if bf16 else torch.float32)
     with tempfile.TemporaryDirectory() as data:
         write_standin_mnist(data, n_train=4096, n_test=64)
