@@ -1190,6 +1190,8 @@ def test_bf16_autocast_on_a_cpu_is_opt_in_and_gives_the_fp32_loss_to_bf16_roundi
     cpu = torch.device("cpu")
     assert not tm.use_bf16(cpu) and tm.use_bf16(cpu, cpu_bf16=True) and not tm.use_bf16(cpu, True, True)
     assert not tm.build_parser().get_default("bf16")                      # the default run trains in fp32
+    with pytest.raises(SystemExit):
+        tm.parse_args(["--bf16", "--fp32"])
     model = tiny_model(patch_encoder="unet").train()
     seqs = [[text(BOS, 3), image(0), text(EOS)], [image(1), text(4, EOS)]]
     losses = []

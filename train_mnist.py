@@ -91,7 +91,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def use_bf16(device: torch.device, fp32: bool = False, cpu_bf16: bool = False) -> bool:
     """Training's autocast: bf16 on a GPU that has it (unless --fp32); on a CPU fp32 unless --bf16
-    asks for it (fast only with AVX-512 BF16 or AMX; docs/speed.md). Sampling is fp32 everywhere."""
+    asks for it (0.75x the training on a CPU with AMX; docs/speed.md). Sampling is fp32 everywhere."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported() and not fp32
     return cpu_bf16 and not fp32
@@ -369,7 +369,7 @@ def build_parser():
     a("--progress-every", type=flag_type(float, 0), default=3.0,
       help="minutes between progress pictures (<out>/progress.png); 0: none")
     a("--fp32", action="store_true", help="no bf16 autocast on a GPU: train in fp32, as on a CPU")
-    a("--bf16", action="store_true", help="bf16 autocast on a CPU too (opt-in: pays with AVX-512 BF16 or AMX)")
+    a("--bf16", action="store_true", help="bf16 autocast on a CPU too (opt-in; pays on a CPU with AMX)")
     # data
     a("--batch-size", type=count, default=64, help="digits per step (in numbers of 1..--max-digits digits)")
     a("--max-digits", type=count, default=4, help="longest number in training")
@@ -429,6 +429,8 @@ def check_args(p, args):
         p.error(f"--draw takes a number written with the digits 0-9, not {args.draw!r}")
     if args.gif and args.draw is None:
         p.error("--gif goes with --draw NUMBER")
+    if args.bf16 and args.fp32:
+        p.error("--bf16 and --fp32 ask for opposite things: give one")
     if args.device != "auto":
         try:
             dev = torch.device(args.device)
