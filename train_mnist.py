@@ -92,9 +92,9 @@ def pick_device(name: str = "auto") -> torch.device:
 def use_bf16(device: torch.device, fp32: bool = False, cpu_bf16: bool = False) -> bool:
     """Training's autocast: bf16 on a GPU that has it (unless --fp32); on a CPU fp32 unless --bf16
     asks for it (0.75x the training on a CPU with AMX; docs/speed.md). Sampling is fp32 everywhere."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported() and not fp32
-    return cpu_bf16 and not fp32
+    if fp32:
+        return False
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_bf16
 
 
 def train_step(model, opt, ema_params, model_params, seqs, gen, ema_decay: float, bf16: bool):
