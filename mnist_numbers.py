@@ -29,7 +29,7 @@ FASHION = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 
 # how a trained model samples unless told otherwise: DDPM, 100 of the 1000 steps, guidance
 # scale 1.75 (the paper: 250 steps and 5, or 3 in ablations; docs/defaults.md). A checkpoint
-# stores its own (cfg_scale: the guidance scale).
+# stores its own (cfg_scale: the guidance scale, as the flag --cfg-scale names it).
 SAMPLING = dict(steps=100, cfg_scale=1.75, sampler="ddpm")
 # paired: each image beside its digit, both ways (above). read-grouped: reading as
 # BOS <img> <img> ; 2 0 EOS instead. grouped: drawing as BOS 2 0 ; <img> <img> EOS too
@@ -176,12 +176,12 @@ def as_model_images(images) -> torch.Tensor:
 
 @torch.no_grad()
 def draw_numbers(model, numbers, *, steps=None, guidance_scale=None, sampler=None, batch_size=250, seed=0,
-                 on_step=None, use_cache=True, cfg_scale=None):
+                 on_step=None, use_cache=True):
     """Draw each number (a string of digits): the prompt is BOS <digits> ; and the model itself
     opens each image and decides when to stop (transfusion.generate, §3 "Inference").
     Returns, per number, (images (k, 1, 28, 28) in [0, 1], the full generated sequence):
-    k is what the model drew, never padded. cfg_scale: guidance_scale's earlier name."""
-    kw = _sampling(model, steps, guidance_scale if cfg_scale is None else cfg_scale, sampler)
+    k is what the model drew, never padded."""
+    kw = _sampling(model, steps, guidance_scale, sampler)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(numbers), batch_size):

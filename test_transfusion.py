@@ -302,7 +302,7 @@ def test_sampling_timesteps_respace_1000_to_250():
     assert all(t > tp for t, tp in pairs) and all(pairs[i][1] == pairs[i + 1][0] for i in range(249))
 
 
-def test_cfg_scale_1_is_conditional_and_0_unconditional():
+def test_guidance_scale_1_is_conditional_and_0_unconditional():
     c, u = torch.randn(5), torch.randn(5)
     assert torch.allclose(classifier_free_guidance(c, u, 1.0), c, atol=1e-6)   # up to rounding
     assert torch.allclose(classifier_free_guidance(c, u, 0.0), u, atol=1e-6)
@@ -642,7 +642,7 @@ def test_generate_opens_an_image_of_n_patches_then_eoi(trained_tiny):
 
 def test_generated_image_resembles_the_training_image(trained_tiny):
     model, _, _ = trained_tiny
-    img = model.generate([[text(BOS, 3)]], steps=50, cfg_scale=1.0, generator=torch.Generator().manual_seed(1))[0][1]
+    img = model.generate([[text(BOS, 3)]], steps=50, guidance_scale=1.0, generator=torch.Generator().manual_seed(1))[0][1]
     assert (img - image(7)).pow(2).mean() < 0.5 * (image(8) - image(7)).pow(2).mean()
 
 
@@ -650,7 +650,7 @@ def test_generated_image_resembles_the_training_image(trained_tiny):
 def test_kv_cached_decoding_equals_full_recomputation(encoder):
     model = tiny_model(patch_encoder=encoder)
     prompts = [[text(BOS, 3)], [text(BOS), image(5)], [text(BOS, 2, 6)]]
-    kw = dict(steps=8, max_new_tokens=6, temperature=1.0, cfg_scale=2.0)
+    kw = dict(steps=8, max_new_tokens=6, temperature=1.0, guidance_scale=2.0)
     fast = model.generate(prompts, generator=torch.Generator().manual_seed(0), **kw)
     slow = model.generate(prompts, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
     assert any(s.is_floating_point() for seq in fast for s in seq[1:])   # an image was drawn
@@ -785,7 +785,7 @@ def assert_same_segments(a, b):
 def test_reference_decoding_loop_and_batched_generate_agree():
     """generate_reference (one prompt, no cache: §3 "Inference" as written) and the batched,
     KV-cached generate make the same segments from the same seed."""
-    kw = dict(steps=4, max_new_tokens=6, temperature=1.0, cfg_scale=2.0)
+    kw = dict(steps=4, max_new_tokens=6, temperature=1.0, guidance_scale=2.0)
     free = tiny_model()
     one = tiny_model()
     force_next_token(one, {3: BOI})                     # BOS 3 BOI <image> EOI EOS
@@ -1160,7 +1160,7 @@ def test_a_reader_that_opens_images_of_its_own_keeps_only_the_given_ones():
 def test_kv_cache_and_recomputation_agree_on_a_multi_image_prompt():
     model = number_model_vocab()
     prompts = [[text(BOS), image(1), image(2), text(15)], [text(BOS, 3, 5, 15, 3), image(4), text(5)]]
-    kw = dict(steps=5, max_new_tokens=5, temperature=1.0, cfg_scale=2.0)
+    kw = dict(steps=5, max_new_tokens=5, temperature=1.0, guidance_scale=2.0)
     fast = model.generate(prompts, generator=torch.Generator().manual_seed(0), **kw)
     slow = model.generate(prompts, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
     for a, b in zip(fast, slow):

@@ -827,15 +827,13 @@ def check_decoding(model: Transfusion, prompts, sampler: str, steps: int) -> Lis
 def generate_reference(model: Transfusion, prompt: Sequence[Segment], *, max_new_tokens: int = 32,
                        steps: int = 250, sampler: str = "ddpm", guidance_scale: float = 3.0,
                        temperature: float = 0.0, top_k: Optional[int] = None,
-                       generator: Optional[torch.Generator] = None, on_step=None,
-                       cfg_scale: Optional[float] = None, use_cache: bool = True):
+                       generator: Optional[torch.Generator] = None, on_step=None, use_cache: bool = True):
     """§3 "Inference" for ONE prompt, plainly: the whole sequence is recomputed at every
     step. Returns the prompt followed by what was generated, as segments (token tensors
     without BOI/EOI, images (C, I, I) in [-1, 1]). It stops at EOS, after max_new_tokens
     tokens, or when the sequence is full. `on_step(t_prev, x)`, if given, sees the image
-    after each denoising step. cfg_scale is guidance_scale's earlier name; use_cache is
-    ignored (`generate`, section 10, takes the same arguments). A test holds the two equal."""
-    guidance_scale = guidance_scale if cfg_scale is None else cfg_scale
+    after each denoising step. use_cache is ignored (`generate`, section 10, takes the same
+    arguments). A test holds the two equal."""
     cfg, N, device = model.cfg, model.cfg.n_patches, model.device
     schedule = check_decoding(model, [prompt], sampler, steps)
     items, out = with_markers(cfg, prompt), list(prompt)  # what the model reads; what we return
@@ -1044,13 +1042,11 @@ def run_rows(model: Transfusion, history: List[list], new: List[list], cache: Op
 def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_new_tokens: int = 32,
              steps: int = 250, sampler: str = "ddpm", guidance_scale: float = 3.0,
              temperature: float = 0.0, top_k: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, on_step=None,
-             cfg_scale: Optional[float] = None, use_cache: bool = True):
+             generator: Optional[torch.Generator] = None, on_step=None, use_cache: bool = True):
     """`generate_reference` for a batch of prompts, with a KV cache (use_cache=False:
     recompute every row from its start). Each row takes its own path; rows that opened an
     image wait until no row is writing, then draw together. Same arguments, result and use
     of the random generator as `generate_reference`."""
-    guidance_scale = guidance_scale if cfg_scale is None else cfg_scale
     cfg, device = model.cfg, model.device
     schedule = check_decoding(model, prompts, sampler, steps)
     rows = [Row(items=[], out=list(p)) for p in prompts]
