@@ -5,7 +5,7 @@ runs to the machine's limit (nanoGPT's MFU). No MNIST needed: stand-in digits.
     python bench.py                       # CPU, about a minute on 2 cores
     python bench.py --device cuda         # GPU (bf16 autocast in training, as train_mnist.py)
     python bench.py --ckpt out/ckpt.pt    # sampling rows with a trained model
-    python bench.py --flags=--bf16        # bf16 autocast in training on a CPU (pays with AMX)
+    python bench.py --flags=--fp32        # fp32 where bf16 is the default (a CPU with AMX, a GPU)
 
 It prints one table, every time a median of several runs after warm-up:
 - the training step as train_mnist.py runs it (`train_mnist.run_step`: the next batch of
@@ -142,7 +142,7 @@ class ScriptedText(Transfusion):
         return torch.full_like(logits, -1e4).scatter(-1, nxt[..., None], 0.0), eps
 
 
-def bench_sample(args, device, repeats):
+def bench_sample(args, device, repeats, bf16):
     if args.ckpt and os.path.exists(args.ckpt):
         model, source = tm.load_checkpoint(args.ckpt, device), args.ckpt
     else:
@@ -151,10 +151,11 @@ def bench_sample(args, device, repeats):
         model.sample_defaults = tm.sample_defaults(flags)                    # e.g. --sample-steps in --flags
         source = "untrained, scripted text"
     labels = torch.arange(args.sample_digits) % 10
-    t_cache = median_time(lambda: tm.generate_digits(model, labels), device, 1, repeats)
-    t_plain = median_time(lambda: tm.generate_digits(model, labels, use_cache=False), device, 1, repeats)
     number = "2026" if source != "untrained, scripted text" else "7"   # the script draws one image
-    t_draw = median_time(lambda: tm.draw_number(model, number), device, 1, repeats)
+    with tm.eval_precision(device, bf16):                              # as the evaluation samples
+        t_cache = median_time(lambda: tm.generate_digits(model, labels), device, 1, repeats)
+        t_plain = median_time(lambda: tm.generate_digits(model, labels, use_cache=False), device, 1, repeats)
+    t_draw = median_time(lambda: tm.draw_number(model, number), device, 1, repeats)   # as --draw: fp32
     drawn = len(tm.draw_number(model, number))
     kw = _sampling(model)
     return dict(cache=t_cache, plain=t_plain, draw=t_draw * (4 / max(1, drawn)), drawn=drawn, source=source,
@@ -191,7 +192,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as data:
         write_standin_mnist(data, n_train=4096, n_test=64)
         tr = bench_train(args, data, device, args.repeats)
-    sa = bench_sample(args, device, max(1, args.repeats // 4))
+    sa = bench_sample(args, device, max(1, args.repeats // 4), bf16)
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     rows = [(f"{'bf16' if bf16 else 'fp32'} matmul peak (2048x2048)", f"{peak:.0f} GFLOP/s"),
@@ -208,7 +209,8 @@ def main(argv=None):
     print("| | |\n|---|---|")
     for label, value in rows:
         print(f"| {label} | {value} |")
-    print(f"sampling: {sa['sampler']}; model: {sa['source']}")
+    print(f"sampling: {sa['sampler']}{', bf16 autocast (not on demand)' if bf16 and device.type == 'cpu' else ''}; "
+          f"model: {sa['source']}")
     if tr["profile"]:
         shares, ms = tr["profile"]
         print(f"training step, ops only ({ms:.0f} ms of op time a step): " +

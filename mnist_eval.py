@@ -86,13 +86,15 @@ def load_or_train_referee(args, log=print):
         log(f"referee loaded from {path}")
         return referee.eval()
     x_u8, y = mn.load_digits(args.data_dir, train=True, dataset=args.dataset)
-    referee = train_referee(x_u8.float().div(255).unsqueeze(1), y, args.referee_epochs, log=log)
+    with torch.autocast("cpu", enabled=False):  # fp32, as every referee
+        referee = train_referee(x_u8.float().div(255).unsqueeze(1), y, args.referee_epochs, log=log)
     os.makedirs(args.out, exist_ok=True)
     torch.save(referee.state_dict(), path)
     return referee
 
 
 @torch.no_grad()
+@torch.autocast("cpu", enabled=False)   # the referee judges in fp32, whatever the model samples in
 def batched(fn, x, bs=1000):
     return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
 
@@ -461,6 +463,8 @@ def report(model, args, state, log=print):
     if state:
         lines.append(f"  training              {state['seconds'] / 60:.1f} min, {state['step']:,} steps")
     lines.append(f"  evaluation + pictures {t_eval / 60:.1f} min")
+    precision = "bf16" if torch.is_autocast_enabled("cpu") else "fp32"     # train_mnist.eval_precision
+    lines.append(f"  sampled in            {precision}")
     for key, name, fmt in (("caption_acc", "caption accuracy", "{:.2%}"), ("gen_acc", "label->image", "{:.2%}"),
                            ("fd", "Frechet distance", "{:.1f}"), ("draw_exact", "number->images exact", "{:.2%}"),
                            ("draw_digit", "  per digit", "{:.2%}"), ("draw_count_wrong", "  wrong image count", "{:.2%}"),
@@ -472,7 +476,7 @@ def report(model, args, state, log=print):
     numbers = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
     if state:
         numbers.update(steps=state["step"], train_minutes=state["seconds"] / 60)
-    numbers.update(eval_minutes=t_eval / 60)
+    numbers.update(eval_minutes=t_eval / 60, sampled_in=precision)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(numbers, f, indent=1, sort_keys=True)
     return m

@@ -1185,11 +1185,17 @@ def test_same_seed_same_model(fake_data, tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_bf16_autocast_on_a_cpu_is_opt_in_and_gives_the_fp32_loss_to_bf16_rounding():
+def test_bf16_is_the_default_only_where_it_pays_and_gives_the_fp32_loss_to_bf16_rounding(tmp_path):
     import train_mnist as tm
+    from transfusion import bf16_is_fast
     cpu = torch.device("cpu")
-    assert not tm.use_bf16(cpu) and tm.use_bf16(cpu, cpu_bf16=True) and not tm.use_bf16(cpu, True, True)
-    assert not tm.build_parser().get_default("bf16")                      # the default run trains in fp32
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")    # AVX-512 BF16, no AMX
+    assert not bf16_is_fast(cpu, str(flags)) and not bf16_is_fast(cpu, str(tmp_path / "none"))
+    flags.write_text("processor\t: 0\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n")  # a Xeon with AMX
+    assert bf16_is_fast(cpu, str(flags)) and not bf16_is_fast(torch.device("meta"), str(flags))
+    assert tm.use_bf16(cpu) == bf16_is_fast(cpu)                          # the default: this CPU's answer
+    assert tm.use_bf16(cpu, cpu_bf16=True) and not tm.use_bf16(cpu, True) and not tm.use_bf16(cpu, True, True)
     with pytest.raises(SystemExit):
         tm.parse_args(["--bf16", "--fp32"])
     model = tiny_model(patch_encoder="unet").train()
@@ -1200,6 +1206,21 @@ def test_bf16_autocast_on_a_cpu_is_opt_in_and_gives_the_fp32_loss_to_bf16_roundi
             losses.append(torch.stack(model.loss(seqs, generator=torch.Generator().manual_seed(0))).float())
     assert not torch.equal(losses[0], losses[1])                          # autocast did round
     assert torch.allclose(losses[0], losses[1], rtol=0.01)                # bf16: 8 bits of mantissa
+
+
+def test_the_evaluation_samples_in_trainings_precision_on_a_cpu_and_the_referee_judges_in_fp32():
+    import mnist_eval
+    import train_mnist as tm
+    cpu = torch.device("cpu")
+    with tm.eval_precision(cpu, True):
+        assert torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+        referee = mnist_eval.Referee().eval()
+        x = torch.rand(3, 1, 28, 28)
+        judged = mnist_eval.batched(referee, x)
+    with tm.eval_precision(cpu, False):
+        assert not torch.is_autocast_enabled("cpu")
+    assert judged.dtype == torch.float32 and torch.equal(judged, mnist_eval.batched(referee, x))
 
 
 def test_a_minutes_cap_that_is_not_reached_changes_nothing(fake_data, tmp_path):
@@ -1550,6 +1571,7 @@ def test_every_ablation_row_is_a_valid_command_and_the_table_averages_seeds(tmp_
     for row, flags in ablations.ROWS.items():
         args = tm.parse_args(["--out", str(tmp_path / row), *ablations.BASE, *flags, *ablations.LIGHT])  # exits on a bad flag
         assert args.eval_per_label == 50 and args.layout == "read-grouped"
+        assert args.fp32                                               # as the table was measured, on any CPU
         assert args.patch_size == (4 if row.startswith("p4") else 7)   # the row's switch wins over BASE
     for seed, cap in ((0, 0.97), (1, 0.99)):
         os.makedirs(tmp_path / f"linear_s{seed}")

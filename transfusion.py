@@ -12,7 +12,7 @@ file up to its header trains a model and decodes with it.
     2. the transformer: Llama blocks       7. the model (Fig. 3)
     3. modality parts: patches, timesteps  8. the training objective (Eq. 1-4)
     4. the attention mask (Fig. 4)         9. decoding (§3 "Inference")
-    5. diffusion: schedule, noising       10. Speed: packing, the KV cache, batched decoding
+    5. diffusion: schedule, noising       10. Speed: packing, the KV cache, batched decoding, bf16
 
 Shapes in the comments: B batch, S sequence, L cached length, V vocabulary, D model
 width, H heads, Dh head width, M images in a batch, C image channels, I image side
@@ -869,10 +869,11 @@ def generate_reference(model: Transfusion, prompt: Sequence[Segment], *, max_new
     return out
 
 
-# ---- 10. Speed: packing, the KV cache, batched decoding ----
+# ---- 10. Speed: packing, the KV cache, batched decoding, bf16 ----
 # Nothing here changes what the method computes, up to float rounding; tests hold each
 # piece equal to sections 6-9: a packed batch's loss and gradients to the padded batch's,
-# KV-cached logits to a full forward pass, `generate` to `generate_reference`.
+# KV-cached logits to a full forward pass, `generate` to `generate_reference`. Last, where
+# bf16 autocast pays (its rounding is coarser: the training script measured its effect).
 
 def pack(lengths: Sequence[int], capacity: int) -> List[Tuple[int, int]]:
     """First-fit decreasing: put sequences of these lengths into as few rows of
@@ -1088,3 +1089,20 @@ def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_ne
                 rows[b].out.append(x[i].cpu())
                 rows[b].mode = "text"
     return [r.out for r in rows]
+
+
+def bf16_is_fast(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether bf16 autocast pays on `device`: a CUDA GPU with bf16, or a CPU with AMX, the
+    matrix tiles of Intel Xeons since Sapphire Rapids, on which oneDNN runs bf16 convolutions
+    and matmuls (on one, training took 0.75x fp32's time and the evaluation 0.7x, its metrics
+    within 0.2 points: docs/speed.md). Elsewhere fp32: with oneDNN held to AVX-512 BF16, no
+    AMX, bf16 ran slower than fp32. AMX is read from Linux's CPU flags; elsewhere False."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open(cpuinfo) as f:
+            return "amx_bf16" in f.read().split()
+    except OSError:
+        return False
