@@ -92,8 +92,8 @@ def pick_device(name: str = "auto") -> torch.device:
 def use_bf16(device: torch.device, fp32: bool = False, cpu_bf16: bool = False) -> bool:
     """bf16 autocast where it pays (transfusion.bf16_is_fast: a GPU with bf16, a CPU with AMX)
     unless --fp32; --bf16 asks for it on any CPU. Training runs under it, and on a CPU the
-    evaluation's sampling too (`eval_precision`). Against fp32 on a CPU with AMX: training 0.75x
-    the time, the evaluation 0.7x, every metric within 0.2 points (docs/speed.md)."""
+    evaluation's sampling too (`eval_precision`). Against fp32 on a CPU with AMX: a training step
+    0.8x the time, sampling 0.7x, every metric within 0.2 points (docs/speed.md)."""
     if fp32:
         return False
     return bf16_is_fast(device) or (cpu_bf16 and device.type == "cpu")
@@ -381,7 +381,8 @@ def build_parser():
       help="minutes between progress pictures (<out>/progress.png); 0: none")
     a("--fp32", action="store_true", help="no bf16 autocast: train and sample in fp32 (the default on a CPU "
                                           "without AMX; with AMX or a GPU, bf16 is)")
-    a("--bf16", action="store_true", help="bf16 autocast on a CPU without AMX too (not measured there)")
+    a("--bf16", action="store_true", help="bf16 autocast on a CPU without AMX too (it ran slower there: "
+                                          "docs/speed.md)")
     # data
     a("--batch-size", type=count, default=64, help="digits per step (in numbers of 1..--max-digits digits)")
     a("--max-digits", type=count, default=4, help="longest number in training")
