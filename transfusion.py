@@ -181,7 +181,10 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, mask):
         """Each query's mix of the values whose keys the mask lets it see (section 4)."""
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)      # (B, H, S, Dh)
+        # in fp32 under bf16 autocast, as Llama's reference computes its softmax in fp32; on
+        # a CPU also faster, bf16's attention kernel being slow at these sizes (docs/speed.md)
+        with torch.autocast(q.device.type, enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)  # (B, H, S, Dh)
         B, H, S, Dh = y.shape
         return self.wo(y.transpose(1, 2).reshape(B, S, H * Dh))          # (B, S, D)
 
