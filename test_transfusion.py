@@ -1208,6 +1208,24 @@ def test_bf16_is_the_default_only_where_it_pays_and_gives_the_fp32_loss_to_bf16_
     assert torch.allclose(losses[0], losses[1], rtol=0.01)                # bf16: 8 bits of mantissa
 
 
+def test_attention_runs_in_fp32_under_bf16_autocast():
+    """Llama's reference computes its softmax in fp32; under bf16 autocast ours does too: the
+    result is fp32 attention of the bf16 queries, keys and values, not bf16 attention."""
+    from transfusion import Attention
+    cfg = tiny_config()
+    attn = Attention(cfg)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, cfg.n_heads, 6, cfg.d_model // cfg.n_heads, generator=g).bfloat16() for _ in range(3))
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    fp32, bf16 = sdpa(q.float(), k.float(), v.float(), attn_mask=mask), sdpa(q, k, v, attn_mask=mask)
+    assert not torch.equal(fp32.bfloat16(), bf16)                        # the two differ at these inputs
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        y = attn.attend(q, k, v, mask)
+        heads_joined = lambda a: a.transpose(1, 2).reshape(2, 6, -1)   # (B, H, S, Dh) -> (B, S, D)
+        assert torch.equal(y, attn.wo(heads_joined(fp32))) and not torch.equal(y, attn.wo(heads_joined(bf16)))
+
+
 def test_the_evaluation_samples_in_trainings_precision_on_a_cpu_and_the_referee_judges_in_fp32():
     import mnist_eval
     import train_mnist as tm
