@@ -92,8 +92,7 @@ def pick_device(name: str = "auto") -> torch.device:
 def use_bf16(device: torch.device, fp32: bool = False, cpu_bf16: bool = False) -> bool:
     """bf16 autocast where it pays (transfusion.bf16_is_fast: a GPU with bf16, a CPU with AMX)
     unless --fp32; --bf16 asks for it on any CPU. Training runs under it, and on a CPU the
-    evaluation's sampling too (`eval_precision`). Against fp32 on a CPU with AMX: a training step
-    0.8x the time, sampling 0.7x, every metric within 0.2 points (docs/speed.md)."""
+    evaluation's sampling too (`eval_precision`)."""
     if fp32:
         return False
     return bf16_is_fast(device) or (cpu_bf16 and device.type == "cpu")

@@ -1097,7 +1097,7 @@ def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_ne
 def bf16_is_fast(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether bf16 autocast pays on `device`: a CUDA GPU with bf16, or a CPU with AMX, the
     matrix tiles of Intel Xeons since Sapphire Rapids, on which oneDNN runs bf16 convolutions
-    and matmuls (on one, a training step took 0.8x fp32's time and sampling 0.7x, with the
+    and matmuls (on one, a training step took 0.7x fp32's time and sampling 0.7x, with the
     metrics within 0.2 points: docs/speed.md). Elsewhere fp32: with oneDNN held to AVX-512
     BF16, no AMX, bf16 ran slower than fp32. AMX is read from Linux's CPU flags; elsewhere
     False."""
