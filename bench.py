@@ -129,7 +129,7 @@ def bench_train(args, data, device, repeats):
     lens = [sum(state["model"].cfg.n_patches + 2 if x.is_floating_point() else x.numel() for x in s) for s in seqs]
     flops = train_flops_per_step(state["model"].cfg, lens, 20 * run.batch_size) / 20
     return dict(ms=1000 * sec, loop_ms=1000 * loop, profile=profile, gflop=flops / 1e9, gflops=flops / sec / 1e9,
-                params=state["model"].num_params() / 1e6, positions=sum(lens) / 20)
+                params=state["model"].num_params() / 1e6, positions=sum(lens) / 20, digits=run.batch_size)
 
 
 class ScriptedText(Transfusion):
@@ -197,7 +197,7 @@ def main(argv=None):
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     rows = [(f"{'bf16' if bf16 else 'fp32'} matmul peak (2048x2048)", f"{peak:.0f} GFLOP/s"),
             ("parameters", f"{tr['params']:.2f} M"),
-            ("train: ms/step (64 digits, mean positions per step)", f"{tr['ms']:.1f} ({tr['positions']:.0f})"),
+            (f"train: ms/step ({tr['digits']} digits, mean positions per step)", f"{tr['ms']:.1f} ({tr['positions']:.0f})"),
             ("train: model GFLOP/step (formula)", f"{tr['gflop']:.2f}"),
             ("train: model GFLOP/s; MFU", f"{tr['gflops']:.0f}; {tr['gflops'] / peak:.1%}"),
             (f"train: ms/step in the training loop ({args.loop_steps} steps)", f"{tr['loop_ms']:.1f}"),
