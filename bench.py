@@ -197,7 +197,8 @@ def main(argv=None):
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     rows = [(f"{'bf16' if bf16 else 'fp32'} matmul peak (2048x2048)", f"{peak:.0f} GFLOP/s"),
             ("parameters", f"{tr['params']:.2f} M"),
-            (f"train: ms/step ({tr['digits']} digits, mean positions per step)", f"{tr['ms']:.1f} ({tr['positions']:.0f})"),
+            (f"train: ms/step ({tr['digits']} digits, mean positions per step)",
+             f"{tr['ms']:.1f} ({tr['positions']:.0f})"),
             ("train: model GFLOP/step (formula)", f"{tr['gflop']:.2f}"),
             ("train: model GFLOP/s; MFU", f"{tr['gflops']:.0f}; {tr['gflops'] / peak:.1%}"),
             (f"train: ms/step in the training loop ({args.loop_steps} steps)", f"{tr['loop_ms']:.1f}"),
