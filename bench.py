@@ -108,10 +108,11 @@ def profile_step(step, n=10):
 def bench_train(args, data, device, repeats):
     """The training step as the loop runs it (bench), then a stretch of the loop itself."""
     run = tm.parse_args(["--data-dir", data, "--device", device.type, "--log-every", "0", "--progress-every", "0",
-                         "--out", os.path.join(data, "out"), "--steps", str(args.loop_steps)] + args.flags.split())
+                         "--out", os.path.join(data, "out"), "--steps", str(args.loop_steps),
+                         "--autoencoder-steps", "10"] + args.flags.split())   # a latent model: a token autoencoder
     u8, labels = tm.load_digits(data, train=True)
-    images = tm.to_model_range(u8)
     state = tm.new_state(run, device)
+    images = state["model"].encode_images(tm.to_model_range(u8).to(device)).cpu()  # pixels or latents (§2.3)
     bf16 = tm.use_bf16(device, run.fp32, run.bf16)
     # warm-up: the first step of each new batch shape (58-64 images) builds its conv kernels
     # (oneDNN primitives); the loop below, later in the process, finds them built

@@ -338,7 +338,8 @@ def decoding_gif(model, number: str, path, names=None, every=5):
     `draw_numbers` does. Frames are drawn with PIL (matplotlib depends on it)."""
     from PIL import Image, ImageDraw, ImageFont
     steps_x = []   # (t, image) after each denoising step; a row draws its images one at a time
-    (imgs, seq), = mn.draw_numbers(model, [number], on_step=lambda t, x: steps_x.append((t, x[0, 0].cpu().clone())))
+    (imgs, seq), = mn.draw_numbers(model, [number],  # x_t as pixels: a latent (§2.3) decoded
+                                   on_step=lambda t, x: steps_x.append((t, model.decode_images(x[:1])[0, 0].cpu())))
     prompt = [mn.BOS] + [int(c) for c in number] + [mn.SEP]
     # the token stream the model read, BOI <image> EOI around each image (None: an image)
     stream = [t for seg in seq for t in ([mn.BOI, None, mn.EOI] if seg.is_floating_point() else seg.tolist())]
@@ -403,7 +404,8 @@ def pictures(model, m, hist, out, names=None, log=print):
         save(grid_figure(m["test_x"][:k], ncol=10, titles=[label(int(c)) if c >= 0 else "?" for c in m["caps"][:k]],
                          title="test digits and the captions the model wrote"), "captions.png")
     frames = []
-    mn.generate_digits(model, torch.tensor([7]), on_step=lambda t, x: frames.append(((x[:1].cpu() + 1) / 2).clamp(0, 1)))
+    mn.generate_digits(model, torch.tensor([7]),
+                       on_step=lambda t, x: frames.append((model.decode_images(x[:1]).cpu() + 1) / 2))
     if frames:
         pick = sorted(set(round(i) for i in torch.linspace(0, len(frames) - 1, min(8, len(frames))).tolist()))
         save(grid_figure(torch.cat([frames[i] for i in pick]), ncol=len(pick), cell=1.4,
@@ -422,7 +424,7 @@ def pictures(model, m, hist, out, names=None, log=print):
                                                   "the model's text between the given images"), "reading.png")
     free = model.generate([[torch.tensor([mn.BOS])] for _ in range(12)], max_new_tokens=16, temperature=1.0,
                           generator=torch.Generator().manual_seed(3), **mn._sampling(model))
-    save(sequences_figure([sequence_items(s, names) for s in free],
+    save(sequences_figure([sequence_items(s, names) for s in mn.in_pixels(model, free)],
                           title="free generation from BOS alone (text sampled at temperature 1)"), "free.png")
     if hist and hist["step"]:
         save(loss_figure(hist), "loss.png")

@@ -35,6 +35,9 @@ SAMPLING = dict(steps=100, cfg_scale=1.75, sampler="ddpm")
 # BOS <img> <img> ; 2 0 EOS instead. grouped: drawing as BOS 2 0 ; <img> <img> EOS too
 # (docs/layout.md compares them).
 LAYOUTS = ("paired", "read-grouped", "grouped")
+# a digit's latent (§2.3) with --autoencoder: 4 channels of 8 x 8 (the 28 x 28 digit padded to
+# 32 x 32, a quarter of its side), cut into 4 patches of 4 x 4, as the pixels are into 14 x 14
+LATENT = (4, 8, 4)
 
 
 # ---------------------------------------------------------------------------
@@ -129,10 +132,17 @@ def seq_len_needed(n_patches: int, max_digits: int) -> int:
 
 
 def mnist_config(**overrides) -> TransfusionConfig:
-    """The model config for 28x28 digits with the vocabulary above."""
+    """The model config for 28x28 digits with the vocabulary above: pixels, or with
+    autoencoder=W the latent of an autoencoder (§2.3), LATENT = (channels, side, patch side)."""
+    if overrides.get("autoencoder"):
+        C, I, P = LATENT
+        image = dict(image_size=I, channels=C, pixel_size=28, pixel_channels=1)
+        overrides = {"patch_size": P, **overrides}
+    else:
+        I, image = 28, dict(image_size=28, channels=1)
     P = overrides.get("patch_size", TransfusionConfig.patch_size)
     base = dict(vocab_size=len(VOCAB), pad_id=PAD, bos_id=BOS, boi_id=BOI, eoi_id=EOI, eos_id=EOS,
-                image_size=28, channels=1, max_seq_len=seq_len_needed((28 // P) ** 2 if P > 0 else 1, 4))
+                max_seq_len=seq_len_needed((I // P) ** 2 if P > 0 else 1, 4), **image)
     base.update(overrides)
     return TransfusionConfig(**base)
 
@@ -190,10 +200,20 @@ def draw_numbers(model, numbers, *, steps=None, guidance_scale=None, sampler=Non
         longest = max(len(n) for n in chunk)
         seqs = model.generate(prompts, max_new_tokens=2 * longest + 3, generator=gen, on_step=on_step,
                               use_cache=use_cache, **kw)
-        for seq in seqs:
-            imgs = [((s.float().cpu() + 1) / 2).clamp(0, 1) for s in seq if s.is_floating_point()]
+        for seq in in_pixels(model, seqs):
+            imgs = [((s.float() + 1) / 2).clamp(0, 1) for s in seq if s.is_floating_point()]
             out.append((torch.stack(imgs) if imgs else torch.zeros(0, 1, 28, 28), seq))
     return out
+
+
+def in_pixels(model, seqs):
+    """Sequences as the model reads and writes them -> the same with each image in pixels
+    (1, 28, 28) in [-1, 1], on the CPU: a latent model's images decoded (§2.3), all at once."""
+    images = [s for seq in seqs for s in seq if s.is_floating_point()]
+    if not images:
+        return [list(seq) for seq in seqs]
+    pixels = iter(model.decode_images(torch.stack(images).to(model.device)).float().cpu())
+    return [[next(pixels) if s.is_floating_point() else s for s in seq] for seq in seqs]
 
 
 def draw_number(model, number: str, **kw):
@@ -223,6 +243,9 @@ def read_numbers(model, numbers, *, batch_size=500, with_sequences=False):
     non-digit); with_sequences: (string, the whole sequence) pairs, for pictures."""
     device = next(model.parameters()).device
     numbers = [as_model_images(x).to(device) for x in numbers]         # each (k, 1, 28, 28) in [-1, 1]
+    if model.autoencoder is not None:  # all at once: each (k, C, I, I), the latents the model reads (§2.3)
+        latents = model.encode_images(torch.cat(numbers)).split([len(x) for x in numbers])
+        numbers = list(latents)
     out = []
     for i in range(0, len(numbers), batch_size):
         chunk = numbers[i:i + batch_size]
@@ -247,6 +270,9 @@ def read_numbers(model, numbers, *, batch_size=500, with_sequences=False):
                     break
                 text += str(tok) if tok < 10 else "?"
             out.append((text, seq) if with_sequences else text)
+    if with_sequences:
+        texts, seqs = zip(*out) if out else ((), ())
+        out = list(zip(texts, in_pixels(model, seqs)))
     return out
 
 

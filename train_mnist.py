@@ -30,27 +30,28 @@ import torch
 import mnist_eval
 from mnist_numbers import (BOI, BOS, EOI, EOS, FASHION, LAYOUTS, PAD, SAMPLING, SEP, VOCAB, MissingData,  # noqa: F401
                            as_model_images, caption_digits, draw_number, draw_numbers, generate_digits, layout_of,
-                           load_digits, make_sequences, mnist_config, number_sequence, read_number,
+                           LATENT, load_digits, make_sequences, mnist_config, number_sequence, read_number,
                            read_numbers, seq_len_needed, to_model_range, tokens_text)
 from transfusion import Transfusion, TransfusionConfig, bf16_is_fast
 
 # the flags that set the model (TransfusionConfig's fields), and those that define a run: a
 # resumed run takes them from its checkpoint
 MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "patch_encoder", "unet_channels",
-               "unet_downsample", "lam", "image_attention", "image_first_max_t", "min_snr_gamma")
+               "unet_downsample", "lam", "image_attention", "image_first_max_t", "min_snr_gamma", "autoencoder")
 RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup",
-                           "ema", "fp32", "bf16", "dataset", "clean_t")
+                           "ema", "fp32", "bf16", "dataset", "clean_t", "autoencoder_steps")
 CKPT_FORMAT = 5   # what a checkpoint holds; another version's format is refused with a message
 # what a checkpoint written before a flag existed trained with
-OLDER_RUNS = {"unet_downsample": 1, "min_snr_gamma": 0.0}
+OLDER_RUNS = {"unet_downsample": 1, "min_snr_gamma": 0.0, "autoencoder": 0}
 
 
 def model_config(args) -> TransfusionConfig:
     """The model config that the command-line flags ask for."""
-    kw = {k: getattr(args, k) for k in MODEL_FLAGS}
-    if args.clean_t is not None:
+    kw = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}  # patch_size: None, the
+    if args.clean_t is not None:                                                      # image kind's default
         kw["clean_t"] = args.clean_t
-    return mnist_config(max_seq_len=seq_len_needed((28 // args.patch_size) ** 2, args.max_digits), **kw)
+    cfg = mnist_config(**kw)
+    return mnist_config(max_seq_len=seq_len_needed(cfg.n_patches, args.max_digits), **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -59,8 +60,9 @@ def model_config(args) -> TransfusionConfig:
 
 def configure_optimizer(model, lr: float, weight_decay: float = 0.1):
     """AdamW(0.9, 0.95, eps 1e-8) as §4.1; weight decay on matrices only (as nanoGPT/Llama)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]   # not a frozen autoencoder's (§2.3)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = next(model.parameters()).device.type in ("cpu", "cuda")  # one kernel for the whole update
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
@@ -177,10 +179,12 @@ def new_state(args, device):
     torch.manual_seed(args.seed)
     model = Transfusion(model_config(args)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    learned = [p.requires_grad for p in model.parameters()]   # not a frozen autoencoder's (§2.3)
     return dict(model=model, ema=ema, opt=configure_optimizer(model, args.lr),
                 gen=torch.Generator().manual_seed(args.seed), step=0, order=None, cursor=0,
-                hist={"step": [], "lm": [], "ddpm": []}, seconds=0.0,
-                ema_params=list(ema.parameters()), model_params=list(model.parameters()))  # for the EMA's lerp
+                hist={"step": [], "lm": [], "ddpm": []}, seconds=0.0,   # for the EMA's lerp:
+                ema_params=[p for p, y in zip(ema.parameters(), learned) if y],
+                model_params=[p for p, y in zip(model.parameters(), learned) if y])
 
 
 def checkpoint(state, args, finished: bool):
@@ -241,9 +245,19 @@ def train(args, state=None, log=print):
     if fresh:
         refuse_to_overwrite(path)
     images_u8, labels = load_digits(args.data_dir, train=True, dataset=args.dataset)
-    images = to_model_range(images_u8)
+    images = to_model_range(images_u8)                                  # (n, 1, 28, 28) in [-1, 1]
     state = new_state(args, device) if fresh else state
     model, ema = state["model"], state["ema"]
+    if model.autoencoder is not None:  # §2.3: the model learns on latents, encoded once
+        if fresh:
+            t_ae = time.time()
+            model.autoencoder.fit(images.to(device), args.autoencoder_steps,
+                                  generator=torch.Generator().manual_seed(args.seed), log=log)
+            ema.autoencoder.load_state_dict(model.autoencoder.state_dict())
+            c = model.cfg
+            log(f"autoencoder ({c.autoencoder} wide; a digit -> a latent {c.channels}x{c.image_size}x{c.image_size}) "
+                f"trained in {(time.time() - t_ae) / 60:.2f} min")
+        images = model.encode_images(images.to(device)).cpu()           # (n, C, I, I)
     ema.sample_defaults = sample_defaults(args)   # how the progress pictures (and later users) sample
     bf16 = use_bf16(device, args.fp32, args.bf16)
     cfg = model.cfg
@@ -393,9 +407,15 @@ def build_parser():
            "read-grouped: reading as the images, then the number; grouped: drawing as the number, then its "
            "images, too (docs/layout.md)")
     # model (TransfusionConfig)
-    for k in ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "unet_channels", "unet_downsample"):
+    for k in ("d_model", "n_layers", "n_heads", "ffn_hidden", "unet_channels", "unet_downsample"):
         a("--" + k.replace("_", "-"), type=count, default=getattr(c, k))
+    a("--patch-size", type=count, help=f"default: {c.patch_size} on pixels (4 patches a digit), "
+                                       f"{LATENT[2]} on latents (4 too)")
     a("--patch-encoder", choices=["linear", "unet"], default=c.patch_encoder)
+    a("--autoencoder", type=flag_type(int, 0), default=16, metavar="WIDTH",
+      help="the model learns on the latent of a conv autoencoder this wide, trained first (§2.3, "
+           "transfusion.ImageAutoencoder); 0: on pixels (docs/speed.md)")
+    a("--autoencoder-steps", type=count, default=1000, help="the autoencoder's training steps (128 digits each)")
     a("--image-attention", choices=["bidirectional", "causal"], default="bidirectional",
       help="within an image (§3, Table 5)")
     a("--image-first-max-t", type=flag_type(int, 1, 1000), default=c.image_first_max_t,

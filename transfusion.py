@@ -87,9 +87,12 @@ class TransfusionConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     image_attention: str = "bidirectional"  # within an image (§3); "causal" is the ablation of §4.3.1
-    # images (§3): pixels here, VAE latents in the paper (§2.3)
-    image_size: int = 28
-    channels: int = 1             # paper: 8 latent channels
+    # images (§3) as the transformer sees them: pixels, or the latent of an autoencoder (§2.3)
+    image_size: int = 28          # I; a latent's side when autoencoder > 0
+    channels: int = 1             # C; a latent's channels when autoencoder > 0 (paper: 8)
+    autoencoder: int = 0          # 0: the model sees pixels; W > 0: an ImageAutoencoder of conv width W
+    pixel_size: int = 28          # ... whose images are (pixel_channels, pixel_size, pixel_size)
+    pixel_channels: int = 1
     patch_size: int = 14          # 4 patches per 28x28 image. Paper: 2x2 latent pixels (= 16x16
                                   # image pixels); with U-Net layers larger patches lose little (Table 6)
     patch_encoder: str = "unet"   # "linear" or "unet" (§3, §4.3.3)
@@ -127,6 +130,11 @@ class TransfusionConfig:
             raise ValueError(f"unet_channels must be at least 1, not {self.unet_channels}")
         if self.unet_downsample < 1 or self.patch_size % self.unet_downsample:
             raise ValueError(f"unet_downsample {self.unet_downsample} must divide patch_size {self.patch_size}")
+        if self.autoencoder < 0:
+            raise ValueError(f"autoencoder must be 0 (pixels) or a conv width >= 1, not {self.autoencoder}")
+        if self.autoencoder and (self.pixel_size > 4 * self.image_size or self.pixel_size % 2):
+            raise ValueError(f"an autoencoder's latent is 1/4 of its padded images: image_size {self.image_size} "
+                             f"does not fit pixel_size {self.pixel_size} (even, at most 4 x image_size)")
         if not 1 <= self.image_first_max_t <= self.T:
             raise ValueError("image_first_max_t must be in [1, T]")
         if not 1 <= self.clean_t <= self.T:
@@ -339,6 +347,86 @@ class UNetPatches(nn.Module):
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.s)  # (M, C, I, I)
 
 
+class ImageAutoencoder(nn.Module):
+    """§2.3 "Latent Image Representation", small: the paper's diffusion runs on the latent of a
+    pretrained VAE (256x256 pixels -> 32x32x8), the transformer never sees a pixel. Ours is a
+    plain conv autoencoder, trained first on the training images alone (`fit`) and frozen:
+    (c, S, S) pixels in [-1, 1], padded with -1 to 4I x 4I, -> two stride-2 convs -> a latent
+    (C, I, I). Each latent channel is shifted and scaled to mean 0 and variance 1 over the
+    training images, the scale the noise schedule assumes (Rombach et al.'s scale factor, per
+    channel). No KL term: the latent is kept small by a light L2 penalty instead. `lo`, `hi`
+    bound every latent number over the training images: the samplers clip x_0 to them, as they
+    clip pixels to [-1, 1] (predict_x0)."""
+
+    def __init__(self, cfg: TransfusionConfig):
+        super().__init__()
+        W, c, C = cfg.autoencoder, cfg.pixel_channels, cfg.channels
+        self.pad = (4 * cfg.image_size - cfg.pixel_size) // 2          # 28 -> 32 for a latent 8 x 8
+        self.enc = nn.Sequential(nn.Conv2d(c, W, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(W, W, 4, stride=2, padding=1), nn.SiLU(),           # 4I -> 2I
+                                 nn.Conv2d(W, W, 4, stride=2, padding=1), nn.SiLU(),           # 2I -> I
+                                 nn.Conv2d(W, C, 3, padding=1))
+        self.dec = nn.Sequential(nn.Conv2d(C, W, 3, padding=1), nn.SiLU(),
+                                 nn.ConvTranspose2d(W, W, 4, stride=2, padding=1), nn.SiLU(),  # I -> 2I
+                                 nn.ConvTranspose2d(W, W, 4, stride=2, padding=1), nn.SiLU(),  # 2I -> 4I
+                                 nn.Conv2d(W, c, 3, padding=1))
+        shape = (C, cfg.image_size, cfg.image_size)
+        self.register_buffer("mean", torch.zeros(C, 1, 1))
+        self.register_buffer("std", torch.ones(C, 1, 1))
+        self.register_buffer("lo", torch.full(shape, -1.0))
+        self.register_buffer("hi", torch.full(shape, 1.0))
+
+    def raw_encode(self, x):  # (M, c, S, S) -> the unnormalised latent (M, C, I, I)
+        return self.enc(F.pad(x, (self.pad,) * 4, value=-1.0))
+
+    def raw_decode(self, z):  # (M, C, I, I) -> (M, c, S, S), unclipped
+        x, p = self.dec(z), self.pad                                    # (M, c, 4I, 4I)
+        return x[..., p:x.shape[-1] - p, p:x.shape[-1] - p]
+
+    @torch.no_grad()
+    def encode(self, x, chunk: int = 1000):
+        """Pixels (M, c, S, S) in [-1, 1] -> latents (M, C, I, I), in fp32 whatever the autocast."""
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.cat([(self.raw_encode(x[i:i + chunk].float()) - self.mean) / self.std
+                              for i in range(0, len(x), chunk)]) if len(x) else x.new_zeros(0, *self.lo.shape)
+
+    @torch.no_grad()
+    def decode(self, z, chunk: int = 1000):
+        """Latents (M, C, I, I) -> pixels (M, c, S, S) in [-1, 1], in fp32."""
+        with torch.autocast(z.device.type, enabled=False):
+            return torch.cat([self.raw_decode(z[i:i + chunk].float() * self.std + self.mean).clamp(-1, 1)
+                              for i in range(0, len(z), chunk)])
+
+    def fit(self, images, steps: int = 1000, batch_size: int = 128, lr: float = 2e-3,
+            generator: Optional[torch.Generator] = None, log=None):
+        """Train on pixels (n, c, S, S) in [-1, 1]: reconstruction MSE, AdamW with a cosine
+        decay, fp32; then set the latent's per-channel mean and std, and its bounds lo, hi."""
+        self.requires_grad_(True)
+        opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0)
+        with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
+            for i in range(steps):
+                for g in opt.param_groups:
+                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
+                x = images[torch.randint(len(images), (batch_size,), generator=generator)].float()
+                z = self.raw_encode(x)
+                loss = F.mse_loss(self.raw_decode(z), x) + 1e-4 * z.pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if log is not None and (i + 1) % 250 == 0:
+                    log(f"autoencoder step {i + 1}/{steps}: reconstruction MSE {loss.item():.4f}")
+        self.requires_grad_(False)                                      # frozen from here on
+        self.mean.zero_()
+        self.std.fill_(1.0)
+        z = self.encode(images)                                         # unnormalised, as mean 0, std 1
+        self.mean.copy_(z.mean((0, 2, 3))[:, None, None])
+        self.std.copy_(z.std((0, 2, 3))[:, None, None])
+        z = (z - self.mean) / self.std
+        self.lo.copy_(z.amin(0))
+        self.hi.copy_(z.amax(0))
+        return self
+
+
 # ---- 4. The Transfusion attention mask (§3 "Transfusion Attention", Fig. 4) ----
 
 def transfusion_mask(img_id, valid, bidirectional: bool = True):
@@ -545,6 +633,9 @@ class Transfusion(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("alpha_bar", cosine_alpha_bar(cfg.T, cfg.cosine_s, cfg.max_beta), persistent=False)
         self.init_weights()
+        # §2.3: with an autoencoder the model reads and writes latents; it is trained before the
+        # transformer (ImageAutoencoder.fit) and frozen: no gradient, no optimizer, no EMA
+        self.autoencoder = ImageAutoencoder(cfg).requires_grad_(False) if cfg.autoencoder else None
 
     def init_weights(self):
         # GPT-2/Llama init for the transformer's linear layers and embeddings; the U-Net's
@@ -573,8 +664,21 @@ class Transfusion(nn.Module):
                 nn.init.uniform_(lin.bias, -bound, bound)
         nn.init.normal_(self.patch_pos, std=0.02)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_params(self) -> int:  # what training learns: the frozen autoencoder's weights are not counted
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("autoencoder."))
+
+    # §2.3: the images of a sequence are what the transformer sees, pixels or latents
+    def encode_images(self, x):
+        """Pixels (M, c, S, S) in [-1, 1] -> the model's images (M, C, I, I): the latent, or x itself."""
+        return x if self.autoencoder is None else self.autoencoder.encode(x)
+
+    def decode_images(self, x):
+        """The model's images (M, C, I, I) -> pixels (M, c, S, S) in [-1, 1]."""
+        return x.clamp(-1, 1) if self.autoencoder is None else self.autoencoder.decode(x)
+
+    @property
+    def x0_range(self):  # the bounds the samplers clip x_0 to: [-1, 1] for pixels, the latents' box
+        return (-1.0, 1.0) if self.autoencoder is None else (self.autoencoder.lo, self.autoencoder.hi)
 
     @property
     def device(self) -> torch.device:  # where inputs go; the training script chooses it
@@ -750,18 +854,21 @@ def sampling_timesteps(T: int, steps: int) -> List[Tuple[int, int]]:
     return list(zip(ts, ts[1:] + [0]))
 
 
-def predict_x0(xt, eps, ab_t):
-    """Invert Eq. 2 for x_0 given the predicted noise; clipped to the data range [-1, 1] (docstring)."""
-    return ((xt - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)
+def predict_x0(xt, eps, ab_t, x0_range=(-1.0, 1.0)):
+    """Invert Eq. 2 for x_0 given the predicted noise; clipped to the data range (docstring):
+    [-1, 1] for pixels, each latent number's bounds over the training images for latents
+    (ImageAutoencoder.lo, .hi). Unclipped, the first step from t = T, where alpha_bar_T ~ 0,
+    divides by ~0 and throws a latent's x_0 far out."""
+    return torch.clamp((xt - (1 - ab_t).sqrt() * eps) / ab_t.sqrt(), *x0_range)
 
 
-def ddpm_step(xt, eps, t: int, t_prev: int, alpha_bar, noise):
+def ddpm_step(xt, eps, t: int, t_prev: int, alpha_bar, noise, x0_range=(-1.0, 1.0)):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2), on a respaced schedule:
     x_{t_prev} ~ q(x_{t_prev} | x_t, x0_hat), the Gaussian posterior around the predicted
     x_0 (Ho et al.'s Eq. 6-7, with beta the jump's: 1 - alpha_bar_t / alpha_bar_{t_prev})."""
     ab_t, ab_prev = alpha_bar[t], alpha_bar[t_prev]
     beta = 1 - ab_t / ab_prev                                           # beta of the jump t_prev -> t
-    x0 = predict_x0(xt, eps, ab_t)
+    x0 = predict_x0(xt, eps, ab_t, x0_range)
     mean = (ab_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab_prev) * xt) / (1 - ab_t)
     if t_prev == 0:
         return mean
@@ -769,10 +876,10 @@ def ddpm_step(xt, eps, t: int, t_prev: int, alpha_bar, noise):
     return mean + var.sqrt() * noise
 
 
-def ddim_step(xt, eps, t: int, t_prev: int, alpha_bar, noise=None):
+def ddim_step(xt, eps, t: int, t_prev: int, alpha_bar, noise=None, x0_range=(-1.0, 1.0)):
     """Deterministic DDIM (Song et al. 2021, eta = 0): jump to t_prev along the predicted noise."""
     ab_t, ab_prev = alpha_bar[t], alpha_bar[t_prev]
-    x0 = predict_x0(xt, eps, ab_t)
+    x0 = predict_x0(xt, eps, ab_t, x0_range)
     eps = (xt - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()                  # the noise consistent with the clipped x0
     return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
 
@@ -859,10 +966,10 @@ def generate_reference(model: Transfusion, prompt: Sequence[Segment], *, max_new
                 if guidance_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
                     eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), guidance_scale)
                 noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
-                x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise)  # x_{t_prev} overwrites x_t
+                x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise, model.x0_range)  # overwrites x_t
                 if on_step is not None:
                     on_step(t_prev, x)
-            x = x.clamp(-1, 1)
+            x = torch.clamp(x, *model.x0_range)
             items += [(x[0], cfg.clean_t), torch.tensor([cfg.eoi_id])]  # the clean image, EOI: back to LM mode
             out.append(x[0].cpu())
         else:
@@ -1081,11 +1188,11 @@ def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_ne
                     if guidance_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
                         eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), guidance_scale)
                 noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
-                x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise)
+                x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise, model.x0_range)
                 if on_step is not None:
                     on_step(t_prev, x)
             # the clean image and EOI join the sequence; back to LM mode
-            x = x.clamp(-1, 1)
+            x = torch.clamp(x, *model.x0_range)
             new = [[] for _ in rows]
             for i, b in enumerate(drawing):
                 new[b] = [(x[i], cfg.clean_t), torch.tensor([cfg.eoi_id])]
