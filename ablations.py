@@ -29,7 +29,7 @@ import sys
 # the default run differs (4 patches of 14x14, each image read beside its digit, 70% caption first:
 # docs/layout.md).
 BASE = ["--patch-size", "7", "--layout", "read-grouped", "--caption-first", "0.8", "--unet-downsample", "1",
-        "--fp32"]
+        "--fp32", "--autoencoder", "0"]
 # row -> the flags that differ from BASE (README, "The paper's ablations")
 ROWS = {
     "default": [],

@@ -963,7 +963,8 @@ def write_fake_mnist(root, folder="MNIST"):
 
 
 TINY_RUN = ["--batch-size", "8", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--ffn-hidden", "64",
-            "--unet-channels", "8", "--sample-steps", "3", "--referee-epochs", "1", "--log-every", "0"]
+            "--unet-channels", "8", "--sample-steps", "3", "--referee-epochs", "1", "--log-every", "0",
+            "--autoencoder", "8", "--autoencoder-steps", "5"]
 NO_EVAL = ["--eval-per-label", "0", "--eval-captions", "0", "--eval-numbers", "0", "--eval-reading", "0"]
 
 
@@ -995,7 +996,7 @@ def test_train_script_end_to_end_on_synthetic_digits(fake_data, tmp_path):
                    "images->number exact", "wrong image count"):
         assert metric in report, metric
     model = tm.load_checkpoint(str(out / "ckpt.pt"))
-    assert model.cfg.image_size == 28 and not model.training
+    assert model.autoencoder is not None and model.cfg.image_size == 8 and not model.training  # latents (§2.3)
     digits = tm.generate_digits(model, torch.tensor([3, 7]), steps=2)
     assert digits.shape == (2, 1, 28, 28) and digits.min() >= 0 and digits.max() <= 1
     caps = tm.caption_digits(model, digits)

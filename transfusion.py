@@ -415,6 +415,7 @@ class ImageAutoencoder(nn.Module):
                 opt.step()
                 if log is not None and (i + 1) % 250 == 0:
                     log(f"autoencoder step {i + 1}/{steps}: reconstruction MSE {loss.item():.4f}")
+        opt.zero_grad(set_to_none=True)                                 # no stale gradient for a later clip
         self.requires_grad_(False)                                      # frozen from here on
         self.mean.zero_()
         self.std.fill_(1.0)
