@@ -111,12 +111,12 @@ def denoise_loss(ckpt, data_dir, n=1000, ts=DENOISE_T):
     from transfusion import add_noise, unconditional_eps
     model = tm.load_checkpoint(ckpt)
     u8, labels = tm.load_digits(data_dir, train=False)
-    x0, labels = tm.to_model_range(u8[:n]), labels[:n]                 # (n, 1, 28, 28), (n,)
+    x0, labels = model.encode_images(tm.to_model_range(u8[:n])), labels[:n]   # (n, C, I, I), (n,)
     gen = torch.Generator().manual_seed(0)
     cond, uncond = [], []
     for t in ts:
         eps = torch.randn(x0.shape, generator=gen)
-        xt = add_noise(x0, torch.full((n,), t), eps, model.alpha_bar)   # (n, 1, 28, 28)
+        xt = add_noise(x0, torch.full((n,), t), eps, model.alpha_bar)   # (n, C, I, I)
         # the training layout of a one-digit number, its image shown at this t
         rows = [model.with_markers(tm.number_sequence(xt[i:i + 1], labels[i:i + 1], caption_first=True), t_clean=t)
                 for i in range(n)]
@@ -148,12 +148,13 @@ def unconditional_fd(ckpt, referee, data_dir, n=UNCOND_N, steps=UNCOND_STEPS):
     u8, _ = tm.load_digits(data_dir, train=False)
     gen = torch.Generator().manual_seed(0)                               # the same noise for every model
     cfg = model.cfg
-    x = torch.randn(n, cfg.channels, cfg.image_size, cfg.image_size, generator=gen)   # x_T, (n, 1, 28, 28)
+    x = torch.randn(n, cfg.channels, cfg.image_size, cfg.image_size, generator=gen)   # x_T, (n, C, I, I)
     with torch.no_grad():
         for t, t_prev in sampling_timesteps(cfg.T, steps):
             eps = torch.cat([unconditional_eps(model, x[i:i + 250], t) for i in range(0, n, 250)])
-            x = ddpm_step(x, eps, t, t_prev, model.alpha_bar, torch.randn(x.shape, generator=gen))  # x_{t_prev}
-    digits = ((x + 1) / 2).clamp(0, 1)                                   # (n, 1, 28, 28) in [0, 1]
+            x = ddpm_step(x, eps, t, t_prev, model.alpha_bar, torch.randn(x.shape, generator=gen),
+                          model.x0_range)                                # x_{t_prev}
+    digits = (model.decode_images(x) + 1) / 2                            # (n, 1, 28, 28) in [0, 1]
     fd = me.frechet_distance(me.batched(referee.features, digits),
                              me.batched(referee.features, u8.float().div(255).unsqueeze(1)))
     return fd, torch.bincount(me.batched(referee, digits).argmax(1), minlength=10).tolist(), digits

@@ -964,7 +964,7 @@ def write_fake_mnist(root, folder="MNIST"):
 
 TINY_RUN = ["--batch-size", "8", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--ffn-hidden", "64",
             "--unet-channels", "8", "--sample-steps", "3", "--referee-epochs", "1", "--log-every", "0",
-            "--autoencoder", "8", "--autoencoder-steps", "5"]
+            "--autoencoder-steps", "5"]
 NO_EVAL = ["--eval-per-label", "0", "--eval-captions", "0", "--eval-numbers", "0", "--eval-reading", "0"]
 
 
@@ -1013,6 +1013,80 @@ def test_train_script_missing_data_is_a_message_not_a_traceback(tmp_path, capsys
     rc = tm.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 1 and "train-images-idx3-ubyte" in err and "Traceback" not in err
+
+
+# ---- latent images (§2.3): an autoencoder trained first, then frozen ----
+
+def test_a_fitted_autoencoder_gives_unit_latents_inside_their_bounds_and_decodes_back(fake_data):
+    import torch.nn.functional as F
+    import mnist_numbers as mn
+    from transfusion import ImageAutoencoder
+    x = mn.to_model_range(mn.load_digits(fake_data, True)[0])            # (n, 1, 28, 28) in [-1, 1]
+    torch.manual_seed(0)
+    ae = ImageAutoencoder(mn.mnist_config(autoencoder=8))
+    before = F.mse_loss(ae.decode(ae.encode(x)), x)
+    ae.fit(x, steps=60, generator=torch.Generator().manual_seed(0))
+    z = ae.encode(x)
+    assert z.shape == (len(x), 4, 8, 8) and z.dtype == torch.float32
+    # each channel at the scale the noise schedule assumes: mean 0, variance 1 over the training images
+    assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(4), atol=1e-4)
+    assert torch.allclose(z.std((0, 2, 3)), torch.ones(4), atol=1e-4)
+    assert (ae.lo <= z).all() and (z <= ae.hi).all() and (ae.lo < ae.hi).all()   # the samplers' clip box
+    back = ae.decode(z)
+    assert back.shape == x.shape and back.min() >= -1 and back.max() <= 1
+    assert F.mse_loss(back, x) < 0.5 * before                          # it learned to reconstruct
+    with torch.autocast("cpu", dtype=torch.bfloat16):                   # fp32 under the model's autocast
+        assert ae.encode(x[:8]).dtype == torch.float32 and torch.allclose(ae.encode(x[:8]), z[:8], atol=1e-5)
+    assert not any(p.requires_grad or p.grad is not None for p in ae.parameters())   # frozen, no stale gradient
+
+
+def test_predict_x0_clips_each_latent_number_to_its_own_bounds():
+    from transfusion import predict_x0
+    lo = -torch.arange(1.0, 9.0).view(2, 2, 2)                           # a box per number: [-1, 1] ... [-8, 8]
+    x0 = torch.tensor([5.0, -5.0]).repeat(4).view(1, 2, 2, 2)
+    ab = torch.tensor(1.0)                                               # alpha_bar = 1: x_0 = x_t
+    got = predict_x0(x0, torch.zeros_like(x0), ab, (lo, -lo))
+    assert torch.equal(got, torch.maximum(torch.minimum(x0, -lo), lo))
+    assert got.flatten().tolist() == [1, -2, 3, -4, 5, -5, 5, -5]       # clipped where outside, kept inside
+
+
+def test_a_latent_model_samples_inside_the_box_and_draws_and_reads_pixels(fake_data):
+    import bench
+    import mnist_numbers as mn
+    torch.manual_seed(0)
+    model = bench.ScriptedText(mn.mnist_config(autoencoder=8, d_model=32, n_heads=2, n_layers=1, ffn_hidden=64,
+                                               unet_channels=8)).eval()   # text scripted: "7" opens an image
+    u8 = mn.load_digits(fake_data, True)[0]
+    model.autoencoder.fit(mn.to_model_range(u8), steps=5, generator=torch.Generator().manual_seed(0))
+    lo, hi = model.x0_range
+    assert lo is model.autoencoder.lo and hi is model.autoencoder.hi and (hi > 1).any()   # not pixels' [-1, 1]
+    xs = []
+    (imgs, seq), = mn.draw_numbers(model, ["7"], steps=3, on_step=lambda t, x: xs.append(x.clone()))
+    x = xs[-1]                                                            # the last step's x_0, clipped
+    assert x.shape == (1, 4, 8, 8) and (lo - 1e-5 <= x).all() and (x <= hi + 1e-5).all()
+    assert imgs.shape == (1, 1, 28, 28) and 0 <= imgs.min() and imgs.max() <= 1      # decoded to pixels
+    assert torch.allclose(imgs[0], (model.decode_images(x)[0] + 1) / 2, atol=1e-5)
+    assert [tuple(s.shape) for s in seq if s.is_floating_point()] == [(1, 28, 28)]   # the sequence in pixels too
+    (text, read_seq), = mn.read_numbers(model, [u8[:2]], with_sequences=True)      # pixels in, encoded once
+    given = [s for s in read_seq if s.is_floating_point()][:2]         # (the scripted text draws one more)
+    assert all(torch.allclose(g, model.decode_images(model.encode_images(mn.as_model_images(d[None])))[0], atol=1e-5)
+               for g, d in zip(given, u8[:2])) and len(given) == 2      # what the model read, as pixels
+
+
+def test_training_steps_leave_the_autoencoder_as_fitted(fake_data):
+    import train_mnist as tm
+    args = tm.parse_args(["--data-dir", fake_data, *TINY_RUN])
+    state = tm.new_state(args, torch.device("cpu"))
+    model = state["model"]
+    u8, labels = tm.load_digits(fake_data, True)
+    model.autoencoder.fit(tm.to_model_range(u8), steps=5)
+    fitted = {k: v.clone() for k, v in model.autoencoder.state_dict().items()}
+    learned = sum(p.numel() for g in state["opt"].param_groups for p in g["params"])
+    assert learned == model.num_params() == sum(p.numel() for p in state["model_params"])   # no autoencoder
+    images = model.encode_images(tm.to_model_range(u8))
+    for _ in range(3):
+        tm.run_step(state, args, images, labels, bf16=False)
+    assert all(torch.equal(v, model.autoencoder.state_dict()[k]) for k, v in fitted.items())
 
 
 # ---- handwritten numbers: layouts, caps, prompt boundaries ----
@@ -1069,6 +1143,8 @@ def test_number_layouts_and_noise_caps(k):
 class Oracle:
     """A perfect reader for read_numbers: it continues each prompt as the training sequence
     `truth` does (a stream of token names), and checks that the prompt is a prefix of it."""
+
+    autoencoder = None                                 # it reads pixels
 
     def __init__(self, truth, layout):
         self.truth, self.sample_defaults, self.prompts = truth.split(), {"layout": layout}, []
