@@ -10,7 +10,7 @@ flows; read them top to bottom. Section 10 only makes it fast and may be skipped
 file up to its header trains a model and decodes with it.
     1. config                              6. sequences -> a padded batch
     2. the transformer: Llama blocks       7. the model (Fig. 3)
-    3. modality parts: patches, timesteps  8. the training objective (Eq. 1-4)
+    3. patches, timesteps, autoencoder     8. the training objective (Eq. 1-4)
     4. the attention mask (Fig. 4)         9. decoding (§3 "Inference")
     5. diffusion: schedule, noising       10. Speed: packing, the KV cache, batched decoding, bf16
 
@@ -20,15 +20,17 @@ width, H heads, Dh head width, M images in a batch, C image channels, I image si
 U-Net's width, T diffusion steps.
 
 A sequence is a Python list of segments: a 1-D LongTensor of text token ids, or an
-image tensor (C, I, I) with values in [-1, 1]. BOI and EOI are not written in the text:
+image tensor (C, I, I): pixels in [-1, 1], or a latent of them (§2.3, ImageAutoencoder;
+Transfusion.encode_images and decode_images go between the two). BOI and EOI are not written in the text:
 every image is wrapped in BOI ... EOI when the sequence is read (§3 "Data
 Representation"). Example: [tensor([BOS, 7]), image, tensor([EOS])] is the token stream
 BOS 7 BOI <N patches> EOI EOS.
 
 Deviations from the paper, all so that it trains on a laptop CPU:
-- Pixels, not a VAE latent: images are cut into patches directly (the paper patchifies
-  the latent of a pretrained VAE, §2.3).
-- Tiny: the defaults below have 1.27M parameters and 2 layers of width 128 (paper:
+- A small conv autoencoder's latent, trained first on the training images (train_mnist.py
+  --autoencoder 16: a digit -> 4 x 8 x 8), not a pretrained VAE's (§2.3), and without its
+  KL term; the config's default, autoencoder = 0, patchifies pixels directly.
+- Tiny: the pixel defaults below have 1.27M parameters and 2 layers of width 128 (paper:
   0.16B-7B, 16-32 layers, Table 2), a vocabulary of 16 ids (Llama 2's 32k) and
   sequences of at most 43 positions (4096).
 - The U-Net patch layers have one resolution level. Their norm is footnote 7's regular
@@ -48,12 +50,13 @@ Deviations from the paper, all so that it trains on a laptop CPU:
   timestep embedding of t = clean_t = 50 (alpha_bar 0.99); the paper does not say. t is
   drawn uniformly in training, so few images sit near t = 1 and its embedding is the least
   trained. (train_mnist.py --eval-only --clean-t 1 measures the alternative.)
-- The samplers clip their estimate of x_0 to the data range [-1, 1] (predict_x0), as the
-  reference DDPM code does; the paper does not say.
+- The samplers clip their estimate of x_0 to the data range (predict_x0): [-1, 1] for
+  pixels, as the reference DDPM code does; for latents, each number's range over the
+  training images. The paper does not say.
 - A DDIM sampler (Song et al. 2021) is offered beside the paper's DDPM one.
 
-Left out on purpose: the VAE, text tokenization (ids are given), distributed training and
-the image-editing fine-tune (§4.5).
+Left out on purpose: a pretrained VAE, text tokenization (ids are given), distributed
+training and the image-editing fine-tune (§4.5).
 """
 import math
 from dataclasses import dataclass
@@ -70,7 +73,7 @@ Segment = torch.Tensor  # a 1-D LongTensor of token ids, or an image (C, I, I)
 
 @dataclass
 class TransfusionConfig:
-    # the defaults are the model train_mnist.py trains on 28x28 digits
+    # the defaults are a model of 28x28 digits' pixels (train_mnist.py's is on latents: autoencoder 16)
     # text (§2.1): a closed vocabulary; the special tokens are ordinary ids in it
     vocab_size: int = 16          # 10 digits and 6 special ids; paper: Llama 2's 32k
     pad_id: int = 10
@@ -223,11 +226,13 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-# ---- 3. Modality parts (§3 "Model Architecture"): patches, timesteps, patch layers ----
+# ---- 3. Modality parts (§3 "Model Architecture"): patches, timesteps, patch layers; latents (§2.3) ----
 # Text has an embedding table in and a linear LM head out (in Transfusion, section 7).
 # Images are cut into P x P patches in raster order (left to right, top to bottom;
 # §3 "Data Representation") and mapped to and from the transformer's width by a linear
-# layer or by U-Net down/up blocks, with the diffusion timestep added.
+# layer or by U-Net down/up blocks, with the diffusion timestep added. With an autoencoder
+# (§2.3) the images are its latents: ImageAutoencoder, at the end of this section, turns
+# pixels into latents before sequences are made, and latents back into pixels after sampling.
 
 def patchify(x, P: int):
     """(M, C, I, I) images -> (M, N, C*P*P) patches in raster order."""
@@ -349,7 +354,8 @@ class UNetPatches(nn.Module):
 
 class ImageAutoencoder(nn.Module):
     """§2.3 "Latent Image Representation", small: the paper's diffusion runs on the latent of a
-    pretrained VAE (256x256 pixels -> 32x32x8), the transformer never sees a pixel. Ours is a
+    pretrained VAE ("represent every 8 x 8 pixel patch as an 8-dimensional vector"); the
+    transformer never sees a pixel. Ours represents every 4 x 4 pixel patch as 4 numbers: a
     plain conv autoencoder, trained first on the training images alone (`fit`) and frozen:
     (c, S, S) pixels in [-1, 1], padded with -1 to 4I x 4I, -> two stride-2 convs -> a latent
     (C, I, I). Each latent channel is shifted and scaled to mean 0 and variance 1 over the
