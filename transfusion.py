@@ -420,7 +420,7 @@ class ImageAutoencoder(nn.Module):
                 loss.backward()
                 opt.step()
                 if log is not None and (i + 1) % 250 == 0:
-                    log(f"autoencoder step {i + 1}/{steps}: reconstruction MSE {loss.item():.4f}")
+                    log(f"autoencoder step {i + 1}/{steps}: loss {loss.item():.4f}")
         opt.zero_grad(set_to_none=True)                                 # no stale gradient for a later clip
         self.requires_grad_(False)                                      # frozen from here on
         self.mean.zero_()
