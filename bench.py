@@ -109,7 +109,7 @@ def bench_train(args, data, device, repeats):
     """The training step as the loop runs it (bench), then a stretch of the loop itself."""
     run = tm.parse_args(["--data-dir", data, "--device", device.type, "--log-every", "0", "--progress-every", "0",
                          "--out", os.path.join(data, "out"), "--steps", str(args.loop_steps),
-                         "--autoencoder-steps", "10"] + args.flags.split())   # a latent model: a token autoencoder
+                         "--autoencoder-steps", "10"] + args.flags.split())   # timing needs no good autoencoder
     u8, labels = tm.load_digits(data, train=True)
     state = tm.new_state(run, device)
     images = state["model"].encode_images(tm.to_model_range(u8).to(device)).cpu()  # pixels or latents (§2.3)
