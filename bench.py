@@ -117,7 +117,7 @@ def bench_train(args, data, device, repeats):
     # warm-up: the first step of each new batch shape (58-64 images, a varying number of packed
     # rows) builds its kernels (oneDNN primitives); the loop below, later in the process, finds
     # them built. 12 steps sufficed on pixels; on latents the steps kept speeding up for ~30
-    sec = median_time(lambda: tm.run_step(state, run, images, labels, bf16), device, warmup=40, repeats=repeats)
+    sec = median_time(lambda: tm.run_step(state, run, images, labels, bf16), device, warmup=args.warmup, repeats=repeats)
     profile = profile_step(lambda: tm.run_step(state, run, images, labels, bf16)) if args.profile else None
     # the real loop: train() logs every step (--log-every 0); the time between two log lines is a step
     stamps = []
@@ -179,6 +179,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="training and sampling speed of the default MNIST run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=40, help="training steps run before the timed ones")
     p.add_argument("--loop-steps", type=int, default=40, help="steps of the real training loop")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="a trained model for the sampling rows, if present")
     p.add_argument("--sample-digits", type=int, default=100, help="digits drawn in one batch")

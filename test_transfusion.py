@@ -964,7 +964,7 @@ def write_fake_mnist(root, folder="MNIST"):
 
 TINY_RUN = ["--batch-size", "8", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--ffn-hidden", "64",
             "--unet-channels", "8", "--sample-steps", "3", "--referee-epochs", "1", "--log-every", "0",
-            "--autoencoder-steps", "5"]
+            "--autoencoder-steps", "5", "--autoencoder", "4"]   # a latent model, as the default, but small
 NO_EVAL = ["--eval-per-label", "0", "--eval-captions", "0", "--eval-numbers", "0", "--eval-reading", "0"]
 
 
@@ -1025,7 +1025,7 @@ def test_a_fitted_autoencoder_gives_unit_latents_inside_their_bounds_and_decodes
     torch.manual_seed(0)
     ae = ImageAutoencoder(mn.mnist_config(autoencoder=8))
     before = F.mse_loss(ae.decode(ae.encode(x)), x)
-    ae.fit(x, steps=60, generator=torch.Generator().manual_seed(0))
+    ae.fit(x, steps=40, batch_size=32, generator=torch.Generator().manual_seed(0))
     z = ae.encode(x)
     assert z.shape == (len(x), 4, 8, 8) and z.dtype == torch.float32
     # each channel at the scale the noise schedule assumes: mean 0, variance 1 over the training images
@@ -1584,7 +1584,7 @@ def test_every_command_the_readme_shows_runs_on_tiny_sizes(tmp_path, monkeypatch
     commands, readme = readme_commands()
     data, out = write_fake_mnist(str(tmp_path / "data")), str(tmp_path / "out")
     small_eval = ["--eval-per-label", "1", "--eval-captions", "10", "--eval-numbers", "1", "--eval-reading", "1"]
-    monkeypatch.setattr(ablations, "LIGHT", TINY_RUN + small_eval)
+    monkeypatch.setattr(ablations, "LIGHT", TINY_RUN[:-2] + small_eval)   # rows stay on BASE's pixels
 
     def train_in_process(cmd, stdout, stderr):    # ablations.py's `python train_mnist.py ...`, without a new Python
         assert cmd[1].endswith("train_mnist.py")
@@ -1604,7 +1604,7 @@ def test_every_command_the_readme_shows_runs_on_tiny_sizes(tmp_path, monkeypatch
             fresh = out if not os.path.exists(os.path.join(out, "ckpt.pt")) else f"{out}_{len(ran)}"   # a new run each
             rc = tm.main(flags + ["--out", fresh, *TINY_RUN, "--steps", "2", *small_eval], log=lambda m: None)
         elif script == "bench.py":
-            rc = bench.main(flags + ["--repeats", "1", "--loop-steps", "3", "--sample-digits", "2",
+            rc = bench.main(flags + ["--repeats", "1", "--warmup", "2", "--loop-steps", "3", "--sample-digits", "2",
                                      "--flags", " ".join(TINY_RUN[:14])])
         elif script == "ablations.py":
             rc = ablations.main(flags + ["--seeds", "0", "--steps", "2", "--root", str(tmp_path / "abl")])
