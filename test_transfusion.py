@@ -1035,6 +1035,7 @@ def test_a_fitted_autoencoder_gives_unit_latents_inside_their_bounds_and_decodes
     back = ae.decode(z)
     assert back.shape == x.shape and back.min() >= -1 and back.max() <= 1
     assert ae.decode(20 * z[:8]).abs().max() <= 1                        # pixels in range, whatever the latent
+    assert ae.decode(z[:0]).shape == (0, 1, 28, 28) and ae.encode(x[:0]).shape == (0, 4, 8, 8)   # none: none
     assert F.mse_loss(back, x) < 0.5 * before                          # it learned to reconstruct
     with torch.autocast("cpu", dtype=torch.bfloat16):                   # fp32 under the model's autocast
         assert ae.encode(x[:8]).dtype == torch.float32 and torch.allclose(ae.encode(x[:8]), z[:8], atol=1e-5)

@@ -491,6 +491,8 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     check_args(p, args)
+    if args.patch_size is None:   # the image kind's default, resolved: a checkpoint records what was trained
+        args.patch_size = model_config(args).patch_size
     args.given = given_flags(p, argv)
     args.parser = p
     return args

@@ -400,6 +400,8 @@ class ImageAutoencoder(nn.Module):
     def decode(self, z, chunk: int = 1000):
         """Latents (M, C, I, I) -> pixels (M, c, S, S) in [-1, 1], in fp32."""
         with torch.autocast(z.device.type, enabled=False):
+            if not len(z):  # no latents: no pixels, in their shape
+                return self.raw_decode(z.new_zeros(1, *self.lo.shape).float())[:0]
             return torch.cat([self.raw_decode(z[i:i + chunk].float() * self.std + self.mean).clamp(-1, 1)
                               for i in range(0, len(z), chunk)])
 
