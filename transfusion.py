@@ -415,8 +415,8 @@ class ImageAutoencoder(nn.Module):
             for i in range(steps):
                 for g in opt.param_groups:
                     g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
-                x = images[torch.randint(len(images), (batch_size,), generator=generator)].float()
-                z = self.raw_encode(x)
+                x = images[torch.randint(len(images), (batch_size,), generator=generator)].float()  # (B, c, S, S)
+                z = self.raw_encode(x)                                  # (B, C, I, I)
                 loss = F.mse_loss(self.raw_decode(z), x) + 1e-4 * z.pow(2).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -430,7 +430,7 @@ class ImageAutoencoder(nn.Module):
         z = self.encode(images)                                         # unnormalised, as mean 0, std 1
         self.mean.copy_(z.mean((0, 2, 3))[:, None, None])
         self.std.copy_(z.std((0, 2, 3))[:, None, None])
-        z = (z - self.mean) / self.std
+        z = (z - self.mean) / self.std                                  # (n, C, I, I), as encode gives them
         self.lo.copy_(z.amin(0))
         self.hi.copy_(z.amax(0))
         return self
