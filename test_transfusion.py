@@ -1042,6 +1042,25 @@ def test_a_fitted_autoencoder_gives_unit_latents_inside_their_bounds_and_decodes
     assert not any(p.requires_grad or p.grad is not None for p in ae.parameters())   # frozen, no stale gradient
 
 
+def test_the_channels_last_autoencoder_computes_the_plain_convs(fake_data):
+    # speed only: the convs run channels-last; the layers' plain (N, C, H, W) results, handed on
+    # in the plain layout (a later .view of a channels-last tensor would scramble the numbers)
+    import torch.nn.functional as F
+    import mnist_numbers as mn
+    from transfusion import ImageAutoencoder
+    x = mn.to_model_range(mn.load_digits(fake_data, True)[0][:16])
+    torch.manual_seed(0)
+    ae = ImageAutoencoder(mn.mnist_config(autoencoder=8))
+    plain = {k: v.contiguous() for k, v in ae.state_dict().items()}
+    z_ref = torch.func.functional_call(ae.enc, {k[4:]: v for k, v in plain.items() if k.startswith("enc.")},
+                                       (F.pad(x, (2,) * 4, value=-1.0),))
+    x_ref = torch.func.functional_call(ae.dec, {k[4:]: v for k, v in plain.items() if k.startswith("dec.")},
+                                       (z_ref,))[..., 2:30, 2:30]
+    z, back = ae.raw_encode(x), ae.raw_decode(z_ref)
+    assert z.is_contiguous() and back.is_contiguous() and back.shape == x.shape
+    assert torch.allclose(z, z_ref, atol=1e-5) and torch.allclose(back, x_ref, atol=1e-5)
+
+
 def test_predict_x0_clips_each_latent_number_to_its_own_bounds():
     from transfusion import predict_x0
     lo = -torch.arange(1.0, 9.0).view(2, 2, 2)                           # a box per number: [-1, 1] ... [-8, 8]

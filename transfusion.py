@@ -381,13 +381,16 @@ class ImageAutoencoder(nn.Module):
         self.register_buffer("std", torch.ones(C, 1, 1))
         self.register_buffer("lo", torch.full(shape, -1.0))
         self.register_buffer("hi", torch.full(shape, 1.0))
+        # speed only, the same numbers: channels-last convs, as in UNetPatches (fit: 0.7x the time)
+        self.to(memory_format=torch.channels_last)
 
     def raw_encode(self, x):  # (M, c, S, S) -> the unnormalised latent (M, C, I, I)
-        return self.enc(F.pad(x, (self.pad,) * 4, value=-1.0))
+        x = F.pad(x, (self.pad,) * 4, value=-1.0).contiguous(memory_format=torch.channels_last)
+        return self.enc(x).contiguous()
 
     def raw_decode(self, z):  # (M, C, I, I) -> (M, c, S, S), unclipped
-        x, p = self.dec(z), self.pad                                    # (M, c, 4I, 4I)
-        return x[..., p:x.shape[-1] - p, p:x.shape[-1] - p]
+        x, p = self.dec(z.contiguous(memory_format=torch.channels_last)), self.pad  # (M, c, 4I, 4I)
+        return x[..., p:x.shape[-1] - p, p:x.shape[-1] - p].contiguous()
 
     @torch.no_grad()
     def encode(self, x, chunk: int = 1000):
