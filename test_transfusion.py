@@ -1044,7 +1044,7 @@ def test_a_fitted_autoencoder_gives_unit_latents_inside_their_bounds_and_decodes
 
 def test_the_channels_last_autoencoder_computes_the_plain_convs(fake_data):
     # speed only: the convs run channels-last; the layers' plain (N, C, H, W) results, handed on
-    # in the plain layout (a later .view of a channels-last tensor would scramble the numbers)
+    # in the plain layout (a later .view of a channels-last tensor would fail)
     import torch.nn.functional as F
     import mnist_numbers as mn
     from transfusion import ImageAutoencoder
