@@ -1153,12 +1153,12 @@ def test_number_layouts_and_noise_caps(k):
     assert stream(seqs["read-grouped", False]) == f"<bos> {imgs_only} ; {num} <eos>"
     assert stream(seqs["grouped", True]) == f"<bos> {num} ; {imgs_only} <eos>"
     assert stream(seqs["grouped", False]) == f"<bos> {imgs_only} ; {num} <eos>"
-    model = Transfusion(tm.mnist_config(d_model=32, n_heads=2, n_layers=1, ffn_hidden=64, unet_channels=4))
-    model.check_batch(list(seqs.values()))             # all fit max_seq_len
+    from transfusion import check_batch, max_timesteps
+    cfg = tm.mnist_config(d_model=32, n_heads=2, n_layers=1, ffn_hidden=64, unet_channels=4)   # pixels, as imgs
+    check_batch(cfg, list(seqs.values()))              # all fit max_seq_len
     # §4.3.4: images before their caption (all of an image-first number) are capped at t <= 500
-    from transfusion import max_timesteps
     for (layout, first), seq in seqs.items():
-        assert max_timesteps(model.cfg, [seq]) == [1000 if first else 500] * k, layout
+        assert max_timesteps(cfg, [seq]) == [1000 if first else 500] * k, layout
 
 
 class Oracle:

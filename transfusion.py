@@ -733,10 +733,7 @@ class Transfusion(nn.Module):
         eps = self.patches.decode(h[batch.patch_index(N)].view(M, N, -1), temb, skip)  # (M, C, I, I)
         return logits, eps
 
-    # sections 6, 8, 9 and 10 as methods: what train_mnist.py and bench.py call
-    def check_batch(self, seqs):
-        check_batch(self.cfg, seqs)
-
+    # sections 6, 8, 9 and 10 as methods: what the MNIST scripts call
     def with_markers(self, seq, t_clean=None) -> list:
         return with_markers(self.cfg, seq, t_clean)
 
