@@ -59,7 +59,7 @@ Left out on purpose: a pretrained VAE, text tokenization (ids are given), distri
 training and the image-editing fine-tune (§4.5).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -558,10 +558,11 @@ def with_markers(cfg: TransfusionConfig, seq: Sequence[Segment], t_clean: Option
     """User segments -> model items: BOI/EOI tokens put around each image, and each
     image paired with its diffusion timestep (clean images: cfg.clean_t, see docstring)."""
     t_clean = cfg.clean_t if t_clean is None else t_clean
+    boi, eoi = torch.tensor([cfg.boi_id]), torch.tensor([cfg.eoi_id])
     items = []
     for seg in seq:
         if seg.is_floating_point():
-            items += [torch.tensor([cfg.boi_id]), (seg, t_clean), torch.tensor([cfg.eoi_id])]
+            items += [boi, (seg, t_clean), eoi]
         else:
             items.append(seg)
     return items
@@ -579,7 +580,7 @@ def collate(cfg: TransfusionConfig, seqs: Sequence[list], device,
     earlier positions, as decoding with a KV cache does, section 10).
     packed=True: short sequences share rows, for speed (`pack_batch`, section 10)."""
     N = cfg.n_patches
-    tokens, img_id, pos, images, ts, img_row, img_col = [], [], [], [], [], [], []
+    tokens, img_id, images, ts, img_row, img_col = [], [], [], [], [], []
     for b, items in enumerate(seqs):
         tok, ids = [], []
         for item in items:
@@ -593,17 +594,19 @@ def collate(cfg: TransfusionConfig, seqs: Sequence[list], device,
             else:
                 ids += [-1] * item.numel()
                 tok += item.tolist()
-        p0 = start_pos[b] if start_pos is not None else 0
         tokens.append(tok)
         img_id.append(ids)
-        pos.append(list(range(p0, p0 + len(tok))))
-    S = max(1, max(len(tok) for tok in tokens))
+    lengths = [len(tok) for tok in tokens]
+    S = max(1, max(lengths))
 
     def pad(rows, value):
         return torch.tensor([r + [value] * (S - len(r)) for r in rows], device=device)  # (B, S)
 
-    valid = pad([[True] * len(tok) for tok in tokens], False)
     tokens, img_id = pad(tokens, cfg.pad_id), pad(img_id, -1)
+    column = torch.arange(S, device=device)
+    valid = column < torch.tensor(lengths, device=device)[:, None]     # (B, S)
+    p0 = torch.tensor(start_pos if start_pos is not None else [0] * len(seqs), device=device)
+    pos = torch.where(valid, p0[:, None] + column, 0)                   # (B, S) RoPE positions, 0 at padding
     # Eq. 1's targets: position i predicts token i+1 where both are text, but not where the
     # input is BOI (footnote 8: a patch comes next, and patches are not predicted as tokens)
     is_text = valid & (img_id < 0)                                      # (B, S)
@@ -612,8 +615,8 @@ def collate(cfg: TransfusionConfig, seqs: Sequence[list], device,
     targets[:, :-1][has_target] = tokens[:, 1:][has_target]
     img = (torch.stack(images).to(device) if images else
            torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device))
-    batch = Batch(tokens=tokens, img_id=img_id, valid=valid, pos=pad(pos, 0),
-                  mask=transfusion_mask(img_id, valid, cfg.image_attention == "bidirectional"),
+    batch = Batch(tokens=tokens, img_id=img_id, valid=valid, pos=pos,
+                  mask=None if packed else transfusion_mask(img_id, valid, cfg.image_attention == "bidirectional"),
                   targets=targets, images=img, t=torch.tensor(ts, dtype=torch.long, device=device),
                   img_row=torch.tensor(img_row, dtype=torch.long, device=device),
                   img_col=torch.tensor(img_col, dtype=torch.long, device=device))
@@ -1011,29 +1014,29 @@ def pack(lengths: Sequence[int], capacity: int) -> List[Tuple[int, int]]:
 def pack_batch(cfg: TransfusionConfig, batch: Batch) -> Batch:
     """The padded batch's sequences with short ones sharing rows, none longer than the
     longest sequence, so that a training step computes less padding. Each sequence keeps
-    its positions (RoPE restarts at 0), its LM targets and its own mask as a block on the
-    diagonal, so it sees only itself: the loss and its gradients are the padded batch's.
-    Images keep their order m; only their place in the batch moves."""
+    its positions (RoPE restarts at 0) and its LM targets, and its mask is section 4's
+    restricted to its own positions, so it sees only itself: the loss and its gradients are
+    the padded batch's. Images keep their order m; only their place in the batch moves.
+    (The padded batch's own mask is not needed: `collate` leaves it out when packing.)"""
     B, S = batch.tokens.shape
     lengths = batch.valid.sum(1).tolist()
     where = pack(lengths, capacity=S)
     R = 1 + max(r for r, _ in where)
     rows = torch.tensor([r for r, _ in where], device=batch.tokens.device)    # (B,) new row of each sequence
     offsets = torch.tensor([o for _, o in where], device=batch.tokens.device)  # (B,) and its first column
-    cols = offsets[:, None] + torch.arange(S, device=batch.tokens.device)     # (B, S)
     v = batch.valid
+    to = (rows[:, None].expand(B, S)[v], (offsets[:, None] + torch.arange(S, device=v.device))[v])  # new (row, col)
 
     def move(x, fill):  # (B, S) -> (R, S): each sequence's positions to their new place
         out = torch.full((R, S), fill, dtype=x.dtype, device=x.device)
-        out[rows[:, None].expand(B, S)[v], cols[v]] = x[v]
+        out[to] = x[v]
         return out
 
-    valid = move(v, False)
-    mask = torch.eye(S, dtype=torch.bool, device=v.device).repeat(R, 1, 1)     # (R, S, S): padding sees itself
-    for b, (r, o) in enumerate(where):
-        n = lengths[b]
-        mask[r, o:o + n, o:o + n] = batch.mask[b, :n, :n]
-    return Batch(tokens=move(batch.tokens, cfg.pad_id), img_id=move(batch.img_id, -1), valid=valid,
+    valid, img_id = move(v, False), move(batch.img_id, -1)
+    owner = move(torch.arange(B, device=v.device)[:, None].expand(B, S), -1)   # (R, S) the sequence at each position
+    mask = (transfusion_mask(img_id, valid, cfg.image_attention == "bidirectional")
+            & (owner[:, :, None] == owner[:, None, :]))                      # (R, S, S): no key of another sequence
+    return Batch(tokens=move(batch.tokens, cfg.pad_id), img_id=img_id, valid=valid,
                  pos=move(batch.pos, 0), mask=mask, targets=move(batch.targets, -1), images=batch.images,
                  t=batch.t, img_row=rows[batch.img_row], img_col=offsets[batch.img_row] + batch.img_col)
 
@@ -1044,27 +1047,34 @@ class KVCache:
     `valid` (B, L) marks real columns. Every call adds a column for every row, so a
     row that sat a call out (its sequence ended, or waits while others decode) leaves
     invalid columns behind that no later query may attend to.
+    Speed only: each layer's keys and values live in a buffer with room after its L
+    columns, so that new columns are written in place instead of copying the cache each
+    call (a denoising step adds N columns at each of its 100 steps and keeps none).
     """
 
     def __init__(self):
-        self.k: List[torch.Tensor] = []   # per layer (B, H, L, Dh)
+        self.k: List[torch.Tensor] = []   # per layer (B, H, room, Dh); the first L columns are the cache
         self.v: List[torch.Tensor] = []
         self.valid: Optional[torch.Tensor] = None
 
     def __len__(self):
         return 0 if self.valid is None else self.valid.shape[1]
 
-    def extend(self, layer: int, k, v, commit: bool):
-        """Keys/values of the cache followed by the new ones; stored if `commit`."""
-        if layer < len(self.k):
-            k = torch.cat([self.k[layer], k], dim=2)                     # (B, H, L+S, Dh)
-            v = torch.cat([self.v[layer], v], dim=2)
-            if commit:
-                self.k[layer], self.v[layer] = k, v
-        elif commit:
-            self.k.append(k)
-            self.v.append(v)
-        return k, v
+    def extend(self, layer: int, k, v):
+        """The cache's keys and values followed by the new ones k, v (B, H, S, Dh): (B, H, L+S, Dh)
+        each. The new ones are written just after the cache, where they stay once `valid` grows
+        to cover them (forward_cached's commit); otherwise the next call writes over them."""
+        L, S = len(self), k.shape[2]
+        if layer == len(self.k):
+            self.k.append(k.new_empty(k.shape[0], k.shape[1], 0, k.shape[3]))
+            self.v.append(v.new_empty(v.shape[0], v.shape[1], 0, v.shape[3]))
+        if self.k[layer].shape[2] < L + S:  # no room: a buffer twice as long, the cache copied once
+            for buf in (self.k, self.v):
+                old, buf[layer] = buf[layer], k.new_empty(k.shape[0], k.shape[1], 2 * (L + S), k.shape[3])
+                buf[layer][:, :, :L] = old[:, :, :L]
+        self.k[layer][:, :, L:L + S] = k
+        self.v[layer][:, :, L:L + S] = v
+        return self.k[layer][:, :, :L + S], self.v[layer][:, :, :L + S]
 
 
 def forward_cached(model: Transfusion, batch: Batch, cache: KVCache, commit: bool = True):
@@ -1080,7 +1090,7 @@ def forward_cached(model: Transfusion, batch: Batch, cache: KVCache, commit: boo
     mask = mask[:, None]                                                # (B, 1, S, L+S)
     for i, block in enumerate(model.blocks):  # Block.forward, with the cache's keys and values
         q, k, v = block.attn.qkv(block.attn_norm(h), cos, sin)
-        k, v = cache.extend(i, k, v, commit)                            # (B, H, L+S, Dh)
+        k, v = cache.extend(i, k, v)                                    # (B, H, L+S, Dh)
         h = h + block.attn.attend(q, k, v, mask)
         h = h + block.mlp(block.mlp_norm(h))
     if commit:
@@ -1110,6 +1120,55 @@ class DownPathOnce:
     def __exit__(self, *exc):
         del self.patches.encode                      # back to the class's method
         self.last = None
+
+
+class Denoiser:
+    """The guided eps_hat of the images that rows `drawing` are drawing, step after step (the
+    diffusion mode of `generate`): each row's x_t in its own context, and, unless the guidance
+    scale is 1, in the unconditional context BOS BOI (`unconditional_eps`, section 9).
+    Speed only, the same numbers up to float rounding: with a KV cache, the batch of N patch
+    positions a row adds is the same at every step but for x_t and t, so it is collated once;
+    and the keys and values of BOS BOI, which do not depend on x_t, are computed once into a
+    cache of their own. Without a cache every row is recomputed from its start, every step."""
+
+    def __init__(self, model: Transfusion, rows: List["Row"], drawing: List[int], cache: Optional[KVCache],
+                 guidance_scale: float):
+        cfg, device = model.cfg, model.device
+        self.model, self.rows, self.drawing, self.cache, self.scale = model, rows, drawing, cache, guidance_scale
+        if cache is None:
+            return
+        blank = (torch.zeros(cfg.channels, cfg.image_size, cfg.image_size), 0)  # x_t and t: set at each step
+        new = [[blank] if b in drawing else [] for b in range(len(rows))]
+        self.cond = collate(cfg, new, device, start_pos=[n_positions(cfg, r.items) for r in rows])
+        M = len(drawing)
+        self.uncond_cache = KVCache()
+        forward_cached(model, collate(cfg, [[torch.tensor([cfg.bos_id, cfg.boi_id])]] * M, device), self.uncond_cache)
+        self.uncond = collate(cfg, [[blank]] * M, device, start_pos=[2] * M)
+
+    def eps(self, x, t: int):
+        """eps_hat of the images x_t (M, C, I, I) at t, with classifier-free guidance."""
+        with DownPathOnce(self.model.patches):
+            eps = self.conditional(x, t)
+            if self.scale != 1:  # classifier-free guidance against BOS BOI <x_t>
+                eps = classifier_free_guidance(eps, self.unconditional(x, t), self.scale)
+        return eps
+
+    def conditional(self, x, t: int):
+        if self.cache is None:
+            at_t = [[] for _ in self.rows]
+            for i, b in enumerate(self.drawing):
+                at_t[b] = [(x[i], t)]
+            return run_rows(self.model, [r.items for r in self.rows], at_t, None, commit=False)[1]
+        return self.run(self.cond, self.cache, x, t)
+
+    def unconditional(self, x, t: int):
+        if self.cache is None:
+            return unconditional_eps(self.model, x, t)
+        return self.run(self.uncond, self.uncond_cache, x, t)
+
+    def run(self, batch: Batch, cache: KVCache, x, t: int):  # the collated batch, with x_t at t written in
+        batch = replace(batch, images=x, t=torch.full((len(x),), t, dtype=torch.long, device=x.device))
+        return forward_cached(self.model, batch, cache, commit=False)[1]
 
 
 @dataclass
@@ -1188,14 +1247,9 @@ def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_ne
             drawing = [b for b, r in enumerate(rows) if r.mode == "image"]
             x = torch.randn(len(drawing), cfg.channels, cfg.image_size, cfg.image_size,
                             generator=generator).to(device)             # (M, C, I, I)
+            denoiser = Denoiser(model, rows, drawing, cache, guidance_scale)
             for t, t_prev in schedule:
-                at_t = [[] for _ in rows]
-                for i, b in enumerate(drawing):
-                    at_t[b] = [(x[i], t)]
-                with DownPathOnce(model.patches):
-                    _, eps = run_rows(model, [r.items for r in rows], at_t, cache, commit=False)
-                    if guidance_scale != 1:  # classifier-free guidance against BOS BOI <x_t>
-                        eps = classifier_free_guidance(eps, unconditional_eps(model, x, t), guidance_scale)
+                eps = denoiser.eps(x, t)                                 # (M, C, I, I), guided
                 noise = torch.randn(x.shape, generator=generator).to(device) if t_prev > 0 else None
                 x = SAMPLERS[sampler](x, eps, t, t_prev, model.alpha_bar, noise, model.x0_range)
                 if on_step is not None:
