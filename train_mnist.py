@@ -415,7 +415,7 @@ def build_parser():
     a("--autoencoder", type=flag_type(int, 0), default=16, metavar="WIDTH",
       help="the model learns on the latent of a conv autoencoder this wide, trained first (§2.3, "
            "transfusion.ImageAutoencoder); 0: on pixels (docs/speed.md)")
-    a("--autoencoder-steps", type=count, default=1000, help="the autoencoder's training steps (128 digits each)")
+    a("--autoencoder-steps", type=count, default=4000, help="the autoencoder's training steps (16 digits each)")
     a("--image-attention", choices=["bidirectional", "causal"], default="bidirectional",
       help="within an image (§3, Table 5)")
     a("--image-first-max-t", type=flag_type(int, 1, 1000), default=c.image_first_max_t,

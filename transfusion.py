@@ -408,10 +408,12 @@ class ImageAutoencoder(nn.Module):
             return torch.cat([self.raw_decode(z[i:i + chunk].float() * self.std + self.mean).clamp(-1, 1)
                               for i in range(0, len(z), chunk)])
 
-    def fit(self, images, steps: int = 1000, batch_size: int = 128, lr: float = 2e-3,
+    def fit(self, images, steps: int = 4000, batch_size: int = 16, lr: float = 2e-3,
             generator: Optional[torch.Generator] = None, log=None):
         """Train on pixels (n, c, S, S) in [-1, 1]: reconstruction MSE, AdamW with a cosine
-        decay, fp32; then set the latent's per-channel mean and std, and its bounds lo, hi."""
+        decay, fp32; then set the latent's per-channel mean and std, and its bounds lo, hi.
+        Many small batches: 4,000 steps of 16 digits reconstruct better than 1,000 of 128 in
+        half the time (docs/speed.md)."""
         self.requires_grad_(True)
         opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0)
         with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
@@ -424,7 +426,7 @@ class ImageAutoencoder(nn.Module):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if log is not None and (i + 1) % 250 == 0:
+                if log is not None and (i + 1) % 1000 == 0:
                     log(f"autoencoder step {i + 1}/{steps}: loss {loss.item():.4f}")
         opt.zero_grad(set_to_none=True)                                 # no stale gradient for a later clip
         self.requires_grad_(False)                                      # frozen from here on
