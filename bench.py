@@ -5,7 +5,7 @@ runs to the machine's limit (nanoGPT's MFU). No MNIST needed: stand-in digits.
     python bench.py                       # CPU, about a minute on 2 cores
     python bench.py --device cuda         # GPU (bf16 autocast in training, as train_mnist.py)
     python bench.py --ckpt out/ckpt.pt    # sampling rows with a trained model
-    python bench.py --flags=--fp32        # fp32 where bf16 is the default (a CPU with AMX, a GPU)
+    python bench.py --flags=--fp32        # fp32 where bf16 is the default (AVX-512 BF16, AMX, a GPU)
 
 It prints one table, every time a median of several runs after warm-up:
 - the training step as train_mnist.py runs it (`train_mnist.run_step`: the next batch of

@@ -1288,9 +1288,11 @@ def test_bf16_is_the_default_only_where_it_pays_and_gives_the_fp32_loss_to_bf16_
     from transfusion import bf16_is_fast
     cpu = torch.device("cpu")
     flags = tmp_path / "cpuinfo"
-    flags.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")    # AVX-512 BF16, no AMX
+    flags.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw\n")       # AVX-512, no bf16
     assert not bf16_is_fast(cpu, str(flags)) and not bf16_is_fast(cpu, str(tmp_path / "none"))
-    flags.write_text("processor\t: 0\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n")  # a Xeon with AMX
+    flags.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")    # a Zen 4: AVX-512 BF16
+    assert bf16_is_fast(cpu, str(flags))
+    flags.write_text("processor\t: 0\nflags\t\t: fpu amx_bf16 amx_tile\n")            # a Xeon with AMX
     assert bf16_is_fast(cpu, str(flags)) and not bf16_is_fast(torch.device("meta"), str(flags))
     assert tm.use_bf16(cpu) == bf16_is_fast(cpu)                          # the default: this CPU's answer
     assert tm.use_bf16(cpu, cpu_bf16=True) and not tm.use_bf16(cpu, True) and not tm.use_bf16(cpu, True, True)

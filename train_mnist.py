@@ -92,7 +92,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def use_bf16(device: torch.device, fp32: bool = False, cpu_bf16: bool = False) -> bool:
-    """bf16 autocast where it pays (transfusion.bf16_is_fast: a GPU with bf16, a CPU with AMX)
+    """bf16 autocast where it pays (transfusion.bf16_is_fast: a GPU with bf16, a CPU with AVX-512 BF16 or AMX)
     unless --fp32; --bf16 asks for it on any CPU. Training runs under it, and on a CPU the
     evaluation's sampling too (`eval_precision`)."""
     if fp32:
@@ -393,9 +393,9 @@ def build_parser():
     a("--progress-every", type=flag_type(float, 0), default=3.0,
       help="minutes between progress pictures (<out>/progress.png); 0: none")
     a("--fp32", action="store_true", help="no bf16 autocast: train and sample in fp32 (the default on a CPU "
-                                          "without AMX; with AMX or a GPU, bf16 is)")
-    a("--bf16", action="store_true", help="bf16 autocast on a CPU without AMX too (it ran slower there: "
-                                          "docs/speed.md)")
+                                          "without bf16 instructions; with AVX-512 BF16, AMX or a GPU, bf16 is)")
+    a("--bf16", action="store_true", help="bf16 autocast on a CPU without bf16 instructions too (there "
+                                          "oneDNN emulates them)")
     # data
     a("--batch-size", type=count, default=64, help="digits per step (in numbers of 1..--max-digits digits)")
     a("--max-digits", type=count, default=4, help="longest number in training")

@@ -1267,18 +1267,17 @@ def generate(model: Transfusion, prompts: Sequence[Sequence[Segment]], *, max_ne
 
 
 def bf16_is_fast(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether bf16 autocast pays on `device`: a CUDA GPU with bf16, or a CPU with AMX, the
-    matrix tiles of Intel Xeons since Sapphire Rapids, on which oneDNN runs bf16 convolutions
-    and matmuls (on one, a training step took 0.7x fp32's time and sampling 0.7x, with the
-    metrics within 0.2 points: docs/speed.md). Elsewhere fp32: with oneDNN held to AVX-512
-    BF16, no AMX, bf16 ran slower than fp32. AMX is read from Linux's CPU flags; elsewhere
-    False."""
+    """Whether bf16 autocast pays on `device`: a CUDA GPU with bf16, or a CPU with bf16 dot
+    products, AVX-512 BF16 (AMD Zen 4 and 5, Intel Xeons since Cooper Lake) or AMX (Xeons since
+    Sapphire Rapids), on which oneDNN runs bf16 convolutions and matmuls: a training step took
+    0.86x fp32's time on a Zen 4 and on a Xeon with AMX (docs/speed.md). Elsewhere fp32: without
+    these instructions bf16 is emulated. The flags are read from Linux's /proc/cpuinfo; elsewhere False."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
     try:
         with open(cpuinfo) as f:
-            return "amx_bf16" in f.read().split()
+            return bool({"avx512_bf16", "amx_bf16"} & set(f.read().split()))
     except OSError:
         return False
