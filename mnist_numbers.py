@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from transfusion import TransfusionConfig
+from transfusion import TransfusionConfig, add_noise, packed_batch
 
 # vocabulary: the ten digits (or Fashion-MNIST classes) are their own ids, then the special tokens
 VOCAB = [str(d) for d in range(10)] + ["<pad>", "<bos>", "<boi>", "<eoi>", "<eos>", ";"]
@@ -115,13 +115,67 @@ def make_sequences(images, labels, gen, max_digits: int = 4, p_caption_first: fl
     """Digits (n, 1, 28, 28) in [-1, 1] and labels (n,) -> numbers of k = 1..max_digits digits
     (k uniform), every digit used once. Caption first with probability p_caption_first
     (train_mnist.py's default 0.7; the paper's §4.1 "Data": 0.8, docs/layout.md)."""
-    seqs, i, n = [], 0, len(labels)
-    while i < n:
-        k = min(int(torch.randint(1, max_digits + 1, (), generator=gen)), n - i)
-        caption_first = float(torch.rand((), generator=gen)) < p_caption_first
-        seqs.append(number_sequence(images[i:i + k], labels[i:i + k], caption_first, layout))
+    n = len(labels)
+    # a length and an order for as many numbers as there can be (n of one digit), drawn at once
+    lengths = torch.randint(1, max_digits + 1, (n,), generator=gen).tolist()
+    caption_first = (torch.rand(n, generator=gen) < p_caption_first).tolist()
+    seqs, i = [], 0
+    for k, first in zip(lengths, caption_first):
+        if i == n:
+            break
+        k = min(k, n - i)
+        seqs.append(number_sequence(images[i:i + k], labels[i:i + k], first, layout))
         i += k
     return seqs
+
+
+def number_batch(model, images, labels, gen, max_digits: int = 4, p_caption_first: float = 0.7):
+    """Speed only, the default layout ("paired"): the packed training batch that
+        transfusion_loss(model, make_sequences(images, labels, gen, ...), gen, packed=True)
+    builds (condition dropout, the noise caps of §4.3.4, x_t), from the same random draws in the
+    same order, the sequences written as lists of token ids (transfusion.packed_batch) instead of
+    a tensor per segment: a test holds the two equal. Returns (batch, eps, t) for batch_loss."""
+    cfg, n = model.cfg, len(labels)
+    lengths = torch.randint(1, max_digits + 1, (n,), generator=gen).tolist()       # as make_sequences
+    caption_first = (torch.rand(n, generator=gen) < p_caption_first).tolist()
+    numbers, i = [], 0                                                  # (first digit, k, caption first)
+    for k, first in zip(lengths, caption_first):
+        if i == n:
+            break
+        numbers.append((i, min(k, n - i), first))
+        i += numbers[-1][1]
+    dropped = [False] * len(numbers)  # drop_condition: a caption-first number opens with its caption
+    if model.training and cfg.cond_drop_prob > 0:
+        draws = torch.rand(len(numbers), generator=gen).tolist()
+        dropped = [first and r < cfg.cond_drop_prob for (_, _, first), r in zip(numbers, draws)]
+    digits, N = labels.tolist(), cfg.n_patches
+    seqs, which, t_max = [], [], []                                     # which: image m's digit in `images`
+
+    def image(j, first):  # BOI, the N patches of image m = digit j, EOI
+        which.append(j)
+        t_max.append(cfg.T if first else cfg.image_first_max_t)         # max_timesteps
+        return [BOI] + [-len(which)] * N + [EOI]
+
+    for (i, k, first), drop in zip(numbers, dropped):                 # number_sequence, paired
+        d = digits[i:i + k]
+        if drop:                                                        # BOS <image>
+            seq = [BOS] + image(i, first)
+        elif first:                                                     # BOS 2 0 ; 2 <img> 0 <img> EOS
+            seq = [BOS, *d, SEP]
+            for j in range(k):
+                seq += [d[j]] + image(i + j, first)
+            seq += [EOS]
+        else:                                                           # BOS <img> 2 <img> 0 ; 2 0 EOS
+            seq = [BOS]
+            for j in range(k):
+                seq += image(i + j, first) + [d[j]]
+            seq += [SEP, *d, EOS]
+        seqs.append(seq)
+    x0 = images[which].to(model.device)                                 # (M, C, I, I)
+    t = 1 + (torch.rand(len(t_max), generator=gen) * torch.tensor(t_max, dtype=torch.float)).long()  # (M,)
+    eps = torch.randn(x0.shape, generator=gen).to(model.device)
+    xt = add_noise(x0, t.to(model.device), eps, model.alpha_bar)        # Eq. 2
+    return packed_batch(cfg, seqs, xt, t, model.device), eps, t
 
 
 def seq_len_needed(n_patches: int, max_digits: int) -> int:

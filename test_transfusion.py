@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import transfusion
 from transfusion import (Transfusion, TransfusionConfig, add_noise, classifier_free_guidance, collate,
                          cosine_alpha_bar, ddim_step, ddpm_step, drop_condition, max_timesteps, objective,
                          pack, patchify, sampling_timesteps, transfusion_mask, unpatchify)
@@ -1125,6 +1126,33 @@ def test_training_sequences_follow_the_paper_mix():
     assert all(s[0][0] == tm.BOS and s[-1][-1] == tm.EOS for s in seqs)
     more_reading = tm.make_sequences(imgs, labels, g, p_caption_first=0.6)   # --caption-first 0.6
     assert 0.57 < sum(s[0].numel() > 1 for s in more_reading) / len(more_reading) < 0.63
+
+
+@pytest.mark.parametrize("encoder", ["linear", "unet"])
+def test_the_fast_training_batch_is_the_methods_batch_and_loss(encoder):
+    """Speed only: train_mnist.py builds each step's batch with mnist_numbers.number_batch; it
+    must be the batch that make_sequences and transfusion_loss build from the same generator
+    (the numbers, condition dropout, the noise caps, t, eps, x_t, packing, mask and targets),
+    and give the same loss."""
+    import mnist_numbers as mn
+    from transfusion import batch_loss
+    torch.manual_seed(0)
+    model = Transfusion(mn.mnist_config(d_model=32, n_heads=2, ffn_hidden=64, unet_channels=4, patch_encoder=encoder,
+                                        patch_size=7, cond_drop_prob=0.3)).train()   # 30%: several drops a batch
+    imgs, labels = torch.rand(96, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (96,))
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        seqs = mn.make_sequences(imgs, labels, g)
+        with pytest.MonkeyPatch.context() as mp:   # the loss's batch, eps and t, before the forward pass
+            mp.setattr(transfusion, "batch_loss", lambda model, batch, eps, t: (batch, eps, t))
+            slow, eps, t = transfusion.transfusion_loss(model, seqs, g, packed=True)
+        fast, eps_f, t_f = mn.number_batch(model, imgs, labels, torch.Generator().manual_seed(seed))
+        assert torch.equal(eps, eps_f) and torch.equal(t, t_f) and t.max() > 500         # caption-first t > 500
+        assert len(t) < 96                                                                 # some captions dropped
+        for name in ("tokens", "img_id", "valid", "pos", "mask", "targets", "images", "t", "img_row", "img_col"):
+            assert torch.equal(getattr(slow, name), getattr(fast, name)), name
+        torch.testing.assert_close(torch.stack(batch_loss(model, fast, eps_f, t_f)),
+                                   torch.stack(batch_loss(model, slow, eps, t)), rtol=0, atol=0)
 
 
 def stream(seq):

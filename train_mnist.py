@@ -30,9 +30,9 @@ import torch
 import mnist_eval
 from mnist_numbers import (BOI, BOS, EOI, EOS, FASHION, LAYOUTS, PAD, SAMPLING, SEP, VOCAB, MissingData,  # noqa: F401
                            as_model_images, caption_digits, draw_number, draw_numbers, generate_digits, layout_of,
-                           LATENT, load_digits, make_sequences, mnist_config, number_sequence, read_number,
-                           read_numbers, seq_len_needed, to_model_range, tokens_text)
-from transfusion import Transfusion, TransfusionConfig, bf16_is_fast
+                           LATENT, load_digits, make_sequences, mnist_config, number_batch, number_sequence,
+                           read_number, read_numbers, seq_len_needed, to_model_range, tokens_text)
+from transfusion import Transfusion, TransfusionConfig, batch_loss, bf16_is_fast
 
 # the flags that set the model (TransfusionConfig's fields), and those that define a run: a
 # resumed run takes them from its checkpoint
@@ -108,11 +108,12 @@ def eval_precision(device: torch.device, bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and device.type == "cpu")
 
 
-def train_step(model, opt, ema_params, model_params, seqs, gen, ema_decay: float, bf16: bool):
-    """One optimisation step (§4.1): L = L_LM + lambda L_DDPM, backward, clip the gradient
-    norm at 1.0, AdamW; then the EMA of the weights. Returns (lm, ddpm) as tensors (no sync)."""
+def train_step(model, opt, ema_params, model_params, loss_fn, ema_decay: float, bf16: bool):
+    """One optimisation step (§4.1): L = L_LM + lambda L_DDPM (loss_fn() returns (L, L_LM, L_DDPM)),
+    backward, clip the gradient norm at 1.0, AdamW; then the EMA of the weights. Returns (lm, ddpm)
+    as tensors (no sync)."""
     with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss, lm, ddpm = model.loss(seqs, generator=gen, packed=True)   # packed rows: less padding
+        loss, lm, ddpm = loss_fn()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -133,8 +134,14 @@ def run_step(state, args, images, labels, bf16: bool):
         state["order"], state["cursor"] = torch.randperm(len(labels), generator=gen), 0
     idx = state["order"][state["cursor"]:state["cursor"] + args.batch_size]
     state["cursor"] += args.batch_size
-    seqs = make_sequences(images[idx], labels[idx], gen, args.max_digits, args.caption_first, args.layout)
-    out = train_step(state["model"], state["opt"], state["ema_params"], state["model_params"], seqs, gen,
+    model = state["model"]
+    if args.layout == "paired":  # speed only: the batch of the `else` branch, built without a tensor per segment
+        batch, eps, t = number_batch(model, images[idx], labels[idx], gen, args.max_digits, args.caption_first)
+        loss_fn = lambda: batch_loss(model, batch, eps, t)                        # noqa: E731
+    else:  # numbers as sequences of segments (mnist_numbers), then Eq. 4 on them, in packed rows
+        seqs = make_sequences(images[idx], labels[idx], gen, args.max_digits, args.caption_first, args.layout)
+        loss_fn = lambda: model.loss(seqs, generator=gen, packed=True)            # noqa: E731
+    out = train_step(model, state["opt"], state["ema_params"], state["model_params"], loss_fn,
                      ema_decay(step, args.ema), bf16)
     state["step"] = step + 1
     return out

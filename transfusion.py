@@ -167,8 +167,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> Tuple[torch.Tensor
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the pairs (x[i], x[i + Dh/2]) of q or k (B, H, S, Dh) by their position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)                                           # (B, H, S, Dh/2) each
+    """Rotate the pairs (x[i], x[i + Dh/2]) of q or k (..., S, Dh) by their position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)                                           # (..., S, Dh/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -187,8 +187,8 @@ class Attention(nn.Module):
         """Queries, keys and values of x (B, S, D), each (B, H, S, Dh); q and k rotated by RoPE."""
         B, S, D = x.shape
         qkv = self.wqkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, S, Dh)
-        q, k, v = qkv.unbind(0)                                          # (B, H, S, Dh) each
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q, k = apply_rope(qkv[:2], cos, sin).unbind(0)                  # (B, H, S, Dh) each: both rotated at once
+        return q, k, qkv[2]
 
     def attend(self, q, k, v, mask):
         """Each query's mix of the values whose keys the mask lets it see (section 4)."""
@@ -770,10 +770,9 @@ def drop_condition(cfg: TransfusionConfig, seqs, generator=None):
     BOS <image> is the one unconditional context the model learns, the one the decoding
     loop contrasts every image with (`unconditional_eps`, section 9)."""
     out = []
-    for seq in seqs:
-        r = torch.rand((), generator=generator).item()
+    for seq, r in zip(seqs, torch.rand(len(seqs), generator=generator).tolist()):  # one draw a sequence
         opens_with_caption = (len(seq) > 1 and not seq[0].is_floating_point() and seq[1].is_floating_point()
-                              and seq[0].numel() > 1 and int(seq[0][0]) == cfg.bos_id)
+                              and seq[0].numel() > 1 and seq[0].tolist()[0] == cfg.bos_id)
         if opens_with_caption and r < cfg.cond_drop_prob:
             seq = [seq[0][:1], seq[1]]
         out.append(seq)
@@ -789,7 +788,7 @@ def max_timesteps(cfg: TransfusionConfig, seqs) -> List[int]:
     caps = []
     for seq in seqs:
         # the first segment that is not BOS alone: an image, or the text of a caption
-        lead = next((seg for seg in seq if seg.is_floating_point() or bool((seg != cfg.bos_id).any())), None)
+        lead = next((seg for seg in seq if seg.is_floating_point() or set(seg.tolist()) != {cfg.bos_id}), None)
         image_first = lead is not None and lead.is_floating_point()
         caps += [cfg.image_first_max_t if image_first else cfg.T for seg in seq if seg.is_floating_point()]
     return caps
@@ -822,8 +821,15 @@ def transfusion_loss(model: Transfusion, seqs: Sequence[Sequence[Segment]],
     noisy = iter(zip(xt, t.tolist()))
     items = [[next(noisy) if isinstance(item, tuple) else item for item in with_markers(cfg, seq)] for seq in seqs]
     batch = collate(cfg, items, device, packed=packed)
+    return batch_loss(model, batch, eps, t)
+
+
+def batch_loss(model: Transfusion, batch: Batch, eps, t):
+    """Eq. 4 on a collated batch whose images are x_t, noised with eps (M, C, I, I) at t (M,):
+    the forward pass, then the objective. Returns (total, lm, ddpm)."""
+    cfg = model.cfg
     logits, eps_hat = model(batch)
-    weight = min_snr_weight(model.alpha_bar[t.to(device)], cfg.min_snr_gamma) if cfg.min_snr_gamma > 0 else None
+    weight = min_snr_weight(model.alpha_bar[t.to(model.device)], cfg.min_snr_gamma) if cfg.min_snr_gamma > 0 else None
     return objective(cfg, batch, logits, eps_hat, eps, weight)
 
 
@@ -1041,6 +1047,39 @@ def pack_batch(cfg: TransfusionConfig, batch: Batch) -> Batch:
     return Batch(tokens=move(batch.tokens, cfg.pad_id), img_id=img_id, valid=valid,
                  pos=move(batch.pos, 0), mask=mask, targets=move(batch.targets, -1), images=batch.images,
                  t=batch.t, img_row=rows[batch.img_row], img_col=offsets[batch.img_row] + batch.img_col)
+
+
+def packed_batch(cfg: TransfusionConfig, seqs: List[List[int]], images, t, device) -> Batch:
+    """The Batch that `collate(cfg, items, device, packed=True)` makes, built from plain lists in
+    one pass instead of a tensor per segment (train_mnist.py's training batches, `number_batch`).
+    Each sequence is its token ids with BOI and EOI written in, and image m's N patch positions
+    written as N entries -1 - m; images (M, C, I, I) are the x_t of images 0..M-1, t (M,) their
+    timesteps. A test holds it equal to collate's packed batch."""
+    lengths = [len(s) for s in seqs]
+    S = max(lengths)
+    where = pack(lengths, capacity=S)
+    R = 1 + max(r for r, _ in where)
+    tok, img, owner, pos = [cfg.pad_id] * (R * S), [-1] * (R * S), [-1] * (R * S), [0] * (R * S)
+    for b, (seq, (r, o)) in enumerate(zip(seqs, where)):  # sequence b at row r, from column o
+        i, n = r * S + o, len(seq)
+        tok[i:i + n] = [c if c >= 0 else cfg.pad_id for c in seq]
+        img[i:i + n] = [-1 - c if c < 0 else -1 for c in seq]
+        owner[i:i + n] = [b] * n
+        pos[i:i + n] = range(n)
+    tokens, img_id, owner, pos = (torch.tensor(x, device=device).view(R, S) for x in (tok, img, owner, pos))
+    valid = owner >= 0
+    is_text = valid & (img_id < 0)                                      # (R, S)
+    has_target = (is_text[:, :-1] & is_text[:, 1:] & (tokens[:, :-1] != cfg.boi_id)
+                  & (owner[:, :-1] == owner[:, 1:]))                    # (R, S-1): Eq. 1, footnote 8, in its sequence
+    targets = torch.full_like(tokens, -1)
+    targets[:, :-1][has_target] = tokens[:, 1:][has_target]
+    first = (img_id >= 0) & (F.pad(img_id, (1, 0), value=-1)[:, :-1] != img_id)   # (R, S) each image's first patch
+    img_row, img_col = first.nonzero(as_tuple=True)                     # (M,) each, in raster order ...
+    order = img_id[img_row, img_col].argsort()                          # ... put in the order m
+    mask = (transfusion_mask(img_id, valid, cfg.image_attention == "bidirectional")
+            & (owner[:, :, None] == owner[:, None, :]))                 # (R, S, S), as pack_batch's
+    return Batch(tokens=tokens, img_id=img_id, valid=valid, pos=pos, mask=mask, targets=targets,
+                 images=images.to(device), t=t.to(device), img_row=img_row[order], img_col=img_col[order])
 
 
 class KVCache:
