@@ -239,7 +239,7 @@ def as_model_images(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def draw_numbers(model, numbers, *, steps=None, guidance_scale=None, sampler=None, batch_size=250, seed=0,
+def draw_numbers(model, numbers, *, steps=None, guidance_scale=None, sampler=None, batch_size=1000, seed=0,
                  on_step=None, use_cache=True):
     """Draw each number (a string of digits): the prompt is BOS <digits> ; and the model itself
     opens each image and decides when to stop (transfusion.generate, §3 "Inference").
@@ -284,7 +284,7 @@ def layout_of(model) -> str:
 
 
 @torch.no_grad()
-def read_numbers(model, numbers, *, batch_size=500, with_sequences=False):
+def read_numbers(model, numbers, *, batch_size=2000, with_sequences=False):
     """Read handwritten numbers: each a tensor (k, 1, 28, 28) in [0, 1] (or as `as_model_images`
     takes them). The images come as
     the training data has them, then SEP ("these are all the images, write the number now"),
@@ -350,7 +350,7 @@ def generate_digits(model, labels, **kw):
 
 
 @torch.no_grad()
-def caption_digits(model, images, *, batch_size=500):
+def caption_digits(model, images, *, batch_size=2000):
     """Label each image (N, 1, 28, 28) in [0, 1]: each is read as a one-digit number
     (`read_numbers`: BOS <image> 7 ; 7 EOS in the paired layout, the model writing both 7s).
     Returns (N,) digits; -1 unless it wrote exactly one digit after SEP before EOS."""
