@@ -391,7 +391,7 @@ def build_parser():
     a("--out", default="out")
     a("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     a("--seed", type=int, default=0)
-    a("--steps", type=count, default=16000, help="training steps: the run's length and its LR schedule")
+    a("--steps", type=count, default=8000, help="training steps: the run's length and its LR schedule")
     a("--minutes", type=flag_type(float, 0, lo_open=True), help="optional cap on training wall time (the schedule "
                                                               "stays that of --steps; the run can be resumed)")
     a("--resume", action="store_true", help="continue the run saved in <out>/ckpt.pt")
@@ -404,7 +404,7 @@ def build_parser():
     a("--bf16", action="store_true", help="bf16 autocast on a CPU without bf16 instructions too (there "
                                           "oneDNN emulates them)")
     # data
-    a("--batch-size", type=count, default=64, help="digits per step (in numbers of 1..--max-digits digits)")
+    a("--batch-size", type=count, default=128, help="digits per step (in numbers of 1..--max-digits digits)")
     a("--max-digits", type=count, default=4, help="longest number in training")
     a("--caption-first", type=share, default=0.7,
       help="share of numbers written before their images (the paper, §4.1: 80%%; here 70%%, docs/layout.md); "
@@ -434,7 +434,8 @@ def build_parser():
     a("--clean-t", type=flag_type(int, 1, 1000), help=f"the timestep a clean image is shown at (default: the "
                                                    f"checkpoint's, or {c.clean_t})")
     # optimisation
-    a("--lr", type=flag_type(float, 0, lo_open=True), default=2e-3)
+    a("--lr", type=flag_type(float, 0, lo_open=True), default=2.8e-3,
+      help="peak learning rate (2e-3 x sqrt 2 for 128 digits a step: docs/speed.md)")
     a("--warmup", type=flag_type(int, 0), default=100)
     a("--ema", type=flag_type(float, 0, 0.999999), default=0.9995, help="EMA decay of the sampling weights")
     # sampling and evaluation
