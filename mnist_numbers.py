@@ -115,18 +115,23 @@ def make_sequences(images, labels, gen, max_digits: int = 4, p_caption_first: fl
     """Digits (n, 1, 28, 28) in [-1, 1] and labels (n,) -> numbers of k = 1..max_digits digits
     (k uniform), every digit used once. Caption first with probability p_caption_first
     (train_mnist.py's default 0.7; the paper's §4.1 "Data": 0.8, docs/layout.md)."""
-    n = len(labels)
-    # a length and an order for as many numbers as there can be (n of one digit), drawn at once
+    return [number_sequence(images[i:i + k], labels[i:i + k], first, layout)
+            for i, k, first in split_into_numbers(len(labels), gen, max_digits, p_caption_first)]
+
+
+def split_into_numbers(n: int, gen, max_digits: int, p_caption_first: float):
+    """n digits in a row -> numbers (first digit, k, caption first), k uniform in 1..max_digits
+    (the last one shorter if the digits run out). A length and an order are drawn at once for as
+    many numbers as there can be (n of one digit)."""
     lengths = torch.randint(1, max_digits + 1, (n,), generator=gen).tolist()
     caption_first = (torch.rand(n, generator=gen) < p_caption_first).tolist()
-    seqs, i = [], 0
+    numbers, i = [], 0
     for k, first in zip(lengths, caption_first):
         if i == n:
             break
-        k = min(k, n - i)
-        seqs.append(number_sequence(images[i:i + k], labels[i:i + k], first, layout))
-        i += k
-    return seqs
+        numbers.append((i, min(k, n - i), first))
+        i += numbers[-1][1]
+    return numbers
 
 
 def number_batch(model, images, labels, gen, max_digits: int = 4, p_caption_first: float = 0.7):
@@ -135,15 +140,8 @@ def number_batch(model, images, labels, gen, max_digits: int = 4, p_caption_firs
     builds (condition dropout, the noise caps of §4.3.4, x_t), from the same random draws in the
     same order, the sequences written as lists of token ids (transfusion.packed_batch) instead of
     a tensor per segment: a test holds the two equal. Returns (batch, eps, t) for batch_loss."""
-    cfg, n = model.cfg, len(labels)
-    lengths = torch.randint(1, max_digits + 1, (n,), generator=gen).tolist()       # as make_sequences
-    caption_first = (torch.rand(n, generator=gen) < p_caption_first).tolist()
-    numbers, i = [], 0                                                  # (first digit, k, caption first)
-    for k, first in zip(lengths, caption_first):
-        if i == n:
-            break
-        numbers.append((i, min(k, n - i), first))
-        i += numbers[-1][1]
+    cfg = model.cfg
+    numbers = split_into_numbers(len(labels), gen, max_digits, p_caption_first)   # as make_sequences
     dropped = [False] * len(numbers)  # drop_condition: a caption-first number opens with its caption
     if model.training and cfg.cond_drop_prob > 0:
         draws = torch.rand(len(numbers), generator=gen).tolist()

@@ -575,6 +575,16 @@ def n_positions(cfg: TransfusionConfig, items: list) -> int:
     return sum(cfg.n_patches if isinstance(item, tuple) else item.numel() for item in items)
 
 
+def lm_targets(cfg: TransfusionConfig, tokens, is_text):
+    """Eq. 1's targets (B, S), -1 where none: position i predicts token i+1 where both are text
+    (is_text (B, S)), but not where the input is BOI (footnote 8: a patch comes next, and
+    patches are not predicted as tokens)."""
+    has_target = is_text[:, :-1] & is_text[:, 1:] & (tokens[:, :-1] != cfg.boi_id)  # (B, S-1)
+    targets = torch.full_like(tokens, -1)
+    targets[:, :-1][has_target] = tokens[:, 1:][has_target]
+    return targets
+
+
 def collate(cfg: TransfusionConfig, seqs: Sequence[list], device,
             start_pos: Optional[Sequence[int]] = None, packed: bool = False) -> Batch:
     """Lists of items (token tensors and (image, t) pairs) -> one right-padded Batch, a
@@ -609,12 +619,7 @@ def collate(cfg: TransfusionConfig, seqs: Sequence[list], device,
     valid = column < torch.tensor(lengths, device=device)[:, None]     # (B, S)
     p0 = torch.tensor(start_pos if start_pos is not None else [0] * len(seqs), device=device)
     pos = torch.where(valid, p0[:, None] + column, 0)                   # (B, S) RoPE positions, 0 at padding
-    # Eq. 1's targets: position i predicts token i+1 where both are text, but not where the
-    # input is BOI (footnote 8: a patch comes next, and patches are not predicted as tokens)
-    is_text = valid & (img_id < 0)                                      # (B, S)
-    has_target = is_text[:, :-1] & is_text[:, 1:] & (tokens[:, :-1] != cfg.boi_id)  # (B, S-1)
-    targets = torch.full_like(tokens, -1)
-    targets[:, :-1][has_target] = tokens[:, 1:][has_target]
+    targets = lm_targets(cfg, tokens, valid & (img_id < 0))
     img = (torch.stack(images).to(device) if images else
            torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size, device=device))
     batch = Batch(tokens=tokens, img_id=img_id, valid=valid, pos=pos,
@@ -772,7 +777,7 @@ def drop_condition(cfg: TransfusionConfig, seqs, generator=None):
     out = []
     for seq, r in zip(seqs, torch.rand(len(seqs), generator=generator).tolist()):  # one draw a sequence
         opens_with_caption = (len(seq) > 1 and not seq[0].is_floating_point() and seq[1].is_floating_point()
-                              and seq[0].numel() > 1 and seq[0].tolist()[0] == cfg.bos_id)
+                              and seq[0].numel() > 1 and int(seq[0][0]) == cfg.bos_id)
         if opens_with_caption and r < cfg.cond_drop_prob:
             seq = [seq[0][:1], seq[1]]
         out.append(seq)
@@ -788,7 +793,7 @@ def max_timesteps(cfg: TransfusionConfig, seqs) -> List[int]:
     caps = []
     for seq in seqs:
         # the first segment that is not BOS alone: an image, or the text of a caption
-        lead = next((seg for seg in seq if seg.is_floating_point() or set(seg.tolist()) != {cfg.bos_id}), None)
+        lead = next((seg for seg in seq if seg.is_floating_point() or bool((seg != cfg.bos_id).any())), None)
         image_first = lead is not None and lead.is_floating_point()
         caps += [cfg.image_first_max_t if image_first else cfg.T for seg in seq if seg.is_floating_point()]
     return caps
@@ -1019,6 +1024,13 @@ def pack(lengths: Sequence[int], capacity: int) -> List[Tuple[int, int]]:
     return where
 
 
+def packed_mask(cfg: TransfusionConfig, img_id, valid, owner):
+    """Section 4's mask (R, S, S) of rows holding several sequences (owner (R, S): the sequence
+    at each position, -1 at padding): each query sees only keys of its own sequence."""
+    return (transfusion_mask(img_id, valid, cfg.image_attention == "bidirectional")
+            & (owner[:, :, None] == owner[:, None, :]))
+
+
 def pack_batch(cfg: TransfusionConfig, batch: Batch) -> Batch:
     """The padded batch's sequences with short ones sharing rows, none longer than the
     longest sequence, so that a training step computes less padding. Each sequence keeps
@@ -1042,10 +1054,8 @@ def pack_batch(cfg: TransfusionConfig, batch: Batch) -> Batch:
 
     valid, img_id = move(v, False), move(batch.img_id, -1)
     owner = move(torch.arange(B, device=v.device)[:, None].expand(B, S), -1)   # (R, S) the sequence at each position
-    mask = (transfusion_mask(img_id, valid, cfg.image_attention == "bidirectional")
-            & (owner[:, :, None] == owner[:, None, :]))                      # (R, S, S): no key of another sequence
     return Batch(tokens=move(batch.tokens, cfg.pad_id), img_id=img_id, valid=valid,
-                 pos=move(batch.pos, 0), mask=mask, targets=move(batch.targets, -1), images=batch.images,
+                 pos=move(batch.pos, 0), mask=packed_mask(cfg, img_id, valid, owner), targets=move(batch.targets, -1), images=batch.images,
                  t=batch.t, img_row=rows[batch.img_row], img_col=offsets[batch.img_row] + batch.img_col)
 
 
@@ -1068,18 +1078,13 @@ def packed_batch(cfg: TransfusionConfig, seqs: List[List[int]], images, t, devic
         pos[i:i + n] = range(n)
     tokens, img_id, owner, pos = (torch.tensor(x, device=device).view(R, S) for x in (tok, img, owner, pos))
     valid = owner >= 0
-    is_text = valid & (img_id < 0)                                      # (R, S)
-    has_target = (is_text[:, :-1] & is_text[:, 1:] & (tokens[:, :-1] != cfg.boi_id)
-                  & (owner[:, :-1] == owner[:, 1:]))                    # (R, S-1): Eq. 1, footnote 8, in its sequence
-    targets = torch.full_like(tokens, -1)
-    targets[:, :-1][has_target] = tokens[:, 1:][has_target]
+    targets = lm_targets(cfg, tokens, valid & (img_id < 0))             # (R, S) ...
+    targets[:, :-1][owner[:, :-1] != owner[:, 1:]] = -1                 # ... none into the next sequence
     first = (img_id >= 0) & (F.pad(img_id, (1, 0), value=-1)[:, :-1] != img_id)   # (R, S) each image's first patch
     img_row, img_col = first.nonzero(as_tuple=True)                     # (M,) each, in raster order ...
     order = img_id[img_row, img_col].argsort()                          # ... put in the order m
-    mask = (transfusion_mask(img_id, valid, cfg.image_attention == "bidirectional")
-            & (owner[:, :, None] == owner[:, None, :]))                 # (R, S, S), as pack_batch's
-    return Batch(tokens=tokens, img_id=img_id, valid=valid, pos=pos, mask=mask, targets=targets,
-                 images=images.to(device), t=t.to(device), img_row=img_row[order], img_col=img_col[order])
+    return Batch(tokens=tokens, img_id=img_id, valid=valid, pos=pos, mask=packed_mask(cfg, img_id, valid, owner),
+                 targets=targets, images=images.to(device), t=t.to(device), img_row=img_row[order], img_col=img_col[order])
 
 
 class KVCache:
