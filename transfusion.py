@@ -1076,7 +1076,7 @@ def packed_batch(cfg: TransfusionConfig, seqs: List[List[int]], images, t, devic
         img[i:i + n] = [-1 - c if c < 0 else -1 for c in seq]
         owner[i:i + n] = [b] * n
         pos[i:i + n] = range(n)
-    tokens, img_id, owner, pos = (torch.tensor(x, device=device).view(R, S) for x in (tok, img, owner, pos))
+    tokens, img_id, owner, pos = (torch.tensor(x, device=device).view(R, S) for x in (tok, img, owner, pos))  # (R, S) each
     valid = owner >= 0
     targets = lm_targets(cfg, tokens, valid & (img_id < 0))             # (R, S) ...
     targets[:, :-1][owner[:, :-1] != owner[:, 1:]] = -1                 # ... none into the next sequence
