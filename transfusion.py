@@ -1054,8 +1054,8 @@ def pack_batch(cfg: TransfusionConfig, batch: Batch) -> Batch:
 
     valid, img_id = move(v, False), move(batch.img_id, -1)
     owner = move(torch.arange(B, device=v.device)[:, None].expand(B, S), -1)   # (R, S) the sequence at each position
-    return Batch(tokens=move(batch.tokens, cfg.pad_id), img_id=img_id, valid=valid,
-                 pos=move(batch.pos, 0), mask=packed_mask(cfg, img_id, valid, owner), targets=move(batch.targets, -1), images=batch.images,
+    return Batch(tokens=move(batch.tokens, cfg.pad_id), img_id=img_id, valid=valid, pos=move(batch.pos, 0),
+                 mask=packed_mask(cfg, img_id, valid, owner), targets=move(batch.targets, -1), images=batch.images,
                  t=batch.t, img_row=rows[batch.img_row], img_col=offsets[batch.img_row] + batch.img_col)
 
 
@@ -1076,7 +1076,8 @@ def packed_batch(cfg: TransfusionConfig, seqs: List[List[int]], images, t, devic
         img[i:i + n] = [-1 - c if c < 0 else -1 for c in seq]
         owner[i:i + n] = [b] * n
         pos[i:i + n] = range(n)
-    tokens, img_id, owner, pos = (torch.tensor(x, device=device).view(R, S) for x in (tok, img, owner, pos))  # (R, S) each
+    tokens, img_id, owner, pos = (torch.tensor(x, device=device).view(R, S)             # (R, S) each
+                                  for x in (tok, img, owner, pos))
     valid = owner >= 0
     targets = lm_targets(cfg, tokens, valid & (img_id < 0))             # (R, S) ...
     targets[:, :-1][owner[:, :-1] != owner[:, 1:]] = -1                 # ... none into the next sequence
