@@ -21,7 +21,10 @@ caller (a notebook shows them inline, with no `%matplotlib` magic) and saved by 
 import io
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import time
 
 import matplotlib.figure
@@ -77,20 +80,94 @@ def train_referee(train_x, train_y, epochs=3, seed=0, log=print):
     return net.eval()
 
 
-def load_or_train_referee(args, log=print):
-    """The referee of args.out (trained once per folder and dataset, then reused)."""
-    path = os.path.join(args.out, "referee.pt" if args.dataset == "mnist" else f"referee_{args.dataset}.pt")
-    referee = Referee()
+def referee_path(args):
+    """Where the referee of args.out is kept (one per folder and dataset)."""
+    return os.path.join(args.out, "referee.pt" if args.dataset == "mnist" else f"referee_{args.dataset}.pt")
+
+
+def fit_referee(data_dir, dataset, epochs, path, log=print):
+    """Train the referee on the training digits in fp32 and save it to `path` (atomically)."""
+    x_u8, y = mn.load_digits(data_dir, train=True, dataset=dataset)
+    with torch.autocast("cpu", enabled=False):  # fp32, as every referee
+        referee = train_referee(x_u8.float().div(255).unsqueeze(1), y, epochs, log=log or (lambda line: None))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(referee.state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return referee
+
+
+class OnOneCore:
+    """Speed only: fn(*args) in a helper process (a fresh Python, `spawn`) on one thread while
+    this process goes on: start() starts it, wait() waits for its end, result() for its return
+    value. The helper ignores Ctrl-C (this process handles it) and dies
+    with this process. The caller gives it a core: it runs on one thread fewer meanwhile
+    (torch.set_num_threads), or the threads of both would wait on each other."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args, self.process = fn, args, None
+
+    def start(self):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child_end = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_one_core_main, args=(child_end, self.fn, self.args), daemon=True)
+        self.process.start()
+        child_end.close()
+        return self
+
+    def wait(self):
+        multiprocessing.connection.wait([self.conn, self.process.sentinel])
+
+    def result(self):
+        self.wait()
+        if not self.conn.poll():
+            raise RuntimeError(f"the helper process died (exit code {self.process.exitcode})")
+        ok, value = self.conn.recv()
+        self.process.join()
+        if not ok:
+            raise RuntimeError(f"the helper process failed: {value}")
+        return torch.load(io.BytesIO(value), weights_only=False)   # what our own helper saved
+
+
+def _one_core_main(conn, fn, args):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    try:
+        buf = io.BytesIO()
+        torch.save(fn(*args), buf)   # one message of bytes, however many tensors the value holds
+        conn.send((True, buf.getvalue()))
+    except Exception as e:  # the parent raises it, with its message
+        conn.send((False, f"{type(e).__name__}: {e}"))
+
+
+def needs_referee(args):
+    """The referee judges the images the model draws: none drawn, no referee needed."""
+    return bool(args.eval_per_label or args.eval_numbers)
+
+
+def referee_helper(args):
+    """Speed only: the referee, to be trained in a helper process on a core of its own while the
+    model trains on the others (train_mnist.train starts it and lends it a core), so that a
+    cold run does not wait for it after training (docs/speed.md). None where it is already saved
+    or no core is spare (one thread): `load_or_train_referee` then trains it here."""
+    if not needs_referee(args) or os.path.exists(referee_path(args)) or torch.get_num_threads() < 2:
+        return None
+    return OnOneCore(fit_referee, args.data_dir, args.dataset, args.referee_epochs, referee_path(args), None)
+
+
+def load_or_train_referee(args, log=print, helper=None):
+    """The referee of args.out: trained once per folder and dataset, then reused. `helper`: the
+    OnOneCore of `referee_helper`, waited for."""
+    path = referee_path(args)
+    if helper is not None and helper.process is not None:   # started: training it, or done
+        referee = helper.result()
+        log(f"referee trained beside the model, saved in {path}")
+        return referee.eval()
     if os.path.exists(path):
+        referee = Referee()
         referee.load_state_dict(torch.load(path, weights_only=True))
         log(f"referee loaded from {path}")
         return referee.eval()
-    x_u8, y = mn.load_digits(args.data_dir, train=True, dataset=args.dataset)
-    with torch.autocast("cpu", enabled=False):  # fp32, as every referee
-        referee = train_referee(x_u8.float().div(255).unsqueeze(1), y, args.referee_epochs, log=log)
-    os.makedirs(args.out, exist_ok=True)
-    torch.save(referee.state_dict(), path)
-    return referee
+    return fit_referee(args.data_dir, args.dataset, args.referee_epochs, path, log).eval()
 
 
 @torch.no_grad()
@@ -121,15 +198,16 @@ def random_numbers(n, k=4, seed=0):
     return ["".join(map(str, row)) for row in torch.randint(0, 10, (n, k), generator=g).tolist()]
 
 
-def evaluate(model, args, log=print):
+def evaluate(model, args, log=print, referee_helper=None):
     """Every metric of the module docstring; returns them with the samples for the pictures."""
     test_u8, test_y = mn.load_digits(args.data_dir, train=False, dataset=args.dataset)
     test_x = test_u8.float().div(255).unsqueeze(1)                      # (n, 1, 28, 28) in [0, 1]
-    t0 = time.time()
-    referee = load_or_train_referee(args, log)
     m = dict(test_x=test_x, test_y=test_y)
-    m["referee_acc"] = float((batched(referee, test_x).argmax(1) == test_y).float().mean())
-    log(f"referee test accuracy {m['referee_acc']:.2%} ({time.time() - t0:.0f} s)")
+    if needs_referee(args):
+        t0 = time.time()
+        referee = load_or_train_referee(args, log, referee_helper)
+        m["referee_acc"] = float((batched(referee, test_x).argmax(1) == test_y).float().mean())
+        log(f"referee test accuracy {m['referee_acc']:.2%} ({time.time() - t0:.0f} s)")
 
     # one digit from its label, and the Frechet distance to the test set; the floor is as many
     # real training digits (random, same labels) scored alike
@@ -454,10 +532,10 @@ def cfg_sweep(model, args, scales, log=print):
     return results
 
 
-def report(model, args, state, log=print):
+def report(model, args, state, log=print, referee_helper=None):
     """Evaluate, save the pictures, print the results table of a run."""
     t0 = time.time()
-    m = evaluate(model, args, log)
+    m = evaluate(model, args, log, referee_helper)
     names = mn.FASHION if args.dataset == "fashion" else None
     pictures(model, m, state["hist"] if state else None, args.out, names, log)
     t_eval = time.time() - t0

@@ -1309,6 +1309,41 @@ def test_same_seed_same_model(fake_data, tmp_path):
     (ca, ta), (cb, tb) = ckpt_tensors(tmp_path / "a" / "ckpt.pt"), ckpt_tensors(tmp_path / "b" / "ckpt.pt")
     assert ca["train"]["hist"] == cb["train"]["hist"] and len(ca["train"]["hist"]["lm"]) == 6
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not (tmp_path / "a" / "referee.pt").exists()     # nothing drawn to judge: no referee trained
+
+
+def test_a_run_lends_a_core_for_its_first_steps_and_the_split_is_a_step_not_a_clock(fake_data, tmp_path,
+                                                                                   monkeypatch):
+    """The referee trains in a helper process while the model trains: the command line's run
+    trains its first LENT_CORE_STEPS steps on one thread fewer, then on all of them again, at
+    that step whatever the helper is doing (the thread count changes float rounding)."""
+    import train_mnist as tm
+    threads = torch.get_num_threads()
+    seen, step_ = [], tm.train_step
+    monkeypatch.setattr(tm, "LENT_CORE_STEPS", 3)
+    monkeypatch.setattr(tm, "train_step", lambda *a, **k: seen.append(torch.get_num_threads()) or step_(*a, **k))
+    assert run_script(fake_data, tmp_path / "a", "--steps", "5", *NO_EVAL, "--eval-per-label", "1")[0] == 0
+    lent = max(threads - 1, 1)
+    assert seen == [lent] * 3 + [threads] * 2 and torch.get_num_threads() == threads
+    assert (tmp_path / "a" / "referee.pt").exists()                 # the helper's work, waited for
+
+
+def test_a_helper_process_trains_the_referee_this_process_trains_on_one_thread(fake_data, tmp_path):
+    """OnOneCore runs a function in a fresh Python on one thread: the referee it trains (and saves)
+    is the one trained here with one thread; an error in it comes back with its message."""
+    import mnist_eval as me
+    threads = torch.get_num_threads()
+    helper = me.OnOneCore(me.fit_referee, fake_data, "mnist", 1, str(tmp_path / "a.pt"), None).start()
+    try:
+        torch.set_num_threads(1)
+        here = me.fit_referee(fake_data, "mnist", 1, str(tmp_path / "b.pt"), None)
+    finally:
+        torch.set_num_threads(threads)
+    referee, saved = helper.result(), torch.load(tmp_path / "a.pt", weights_only=True)
+    for k, v in here.state_dict().items():
+        assert torch.equal(referee.state_dict()[k], v) and torch.equal(saved[k], v)
+    with pytest.raises(RuntimeError, match="ValueError: math domain error"):
+        me.OnOneCore(math.sqrt, -1.0).start().result()
 
 
 def test_bf16_is_the_default_only_where_it_pays_and_gives_the_fp32_loss_to_bf16_rounding(tmp_path):
