@@ -146,7 +146,7 @@ def needs_referee(args):
 
 def referee_helper(args):
     """Speed only: the referee, to be trained in a helper process on a core of its own while the
-    model trains on the others (train_mnist.train starts it and lends it a core), so that a
+    model trains on the others (train_mnist.train starts it and spares it a core), so that a
     cold run does not wait for it after training (docs/speed.md). None where it is already saved
     or no core is spare (one thread): `load_or_train_referee` then trains it here."""
     if not needs_referee(args) or os.path.exists(referee_path(args)) or torch.get_num_threads() < 2:

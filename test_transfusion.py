@@ -1312,19 +1312,19 @@ def test_same_seed_same_model(fake_data, tmp_path):
     assert not (tmp_path / "a" / "referee.pt").exists()     # nothing drawn to judge: no referee trained
 
 
-def test_a_run_lends_a_core_for_its_first_steps_and_the_split_is_a_step_not_a_clock(fake_data, tmp_path,
-                                                                                   monkeypatch):
+def test_a_run_spares_a_core_for_its_first_steps_and_the_split_is_a_step_not_a_clock(fake_data, tmp_path,
+                                                                                    monkeypatch):
     """The referee trains in a helper process while the model trains: the command line's run
-    trains its first LENT_CORE_STEPS steps on one thread fewer, then on all of them again, at
+    trains its first REFEREE_CORE_STEPS steps on one thread fewer, then on all of them again, at
     that step whatever the helper is doing (the thread count changes float rounding)."""
     import train_mnist as tm
     threads = torch.get_num_threads()
     seen, step_ = [], tm.train_step
-    monkeypatch.setattr(tm, "LENT_CORE_STEPS", 3)
+    monkeypatch.setattr(tm, "REFEREE_CORE_STEPS", 3)
     monkeypatch.setattr(tm, "train_step", lambda *a, **k: seen.append(torch.get_num_threads()) or step_(*a, **k))
     assert run_script(fake_data, tmp_path / "a", "--steps", "5", *NO_EVAL, "--eval-per-label", "1")[0] == 0
-    lent = max(threads - 1, 1)
-    assert seen == [lent] * 3 + [threads] * 2 and torch.get_num_threads() == threads
+    fewer = max(threads - 1, 1)
+    assert seen == [fewer] * 3 + [threads] * 2 and torch.get_num_threads() == threads
     assert (tmp_path / "a" / "referee.pt").exists()                 # the helper's work, waited for
 
 

@@ -41,9 +41,9 @@ MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "pa
 RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup",
                            "ema", "fp32", "bf16", "dataset", "clean_t", "autoencoder_steps")
 # speed only: the first steps, which a CPU run trains on one thread fewer while the referee trains
-# in a helper process on the core lent to it (train, mnist_eval.referee_helper); on two cores the
+# in a helper process on the core left free (train, mnist_eval.referee_helper); on two cores the
 # referee takes about as long (docs/speed.md)
-LENT_CORE_STEPS = 1600
+REFEREE_CORE_STEPS = 1600
 CKPT_FORMAT = 5   # what a checkpoint holds; another version's format is refused with a message
 # what a checkpoint written before a flag existed trained with
 OLDER_RUNS = {"unet_downsample": 1, "min_snr_gamma": 0.0, "autoencoder": 0}
@@ -243,15 +243,15 @@ def refuse_to_overwrite(path):
                          f"(nothing was overwritten)")
 
 
-def train(args, state=None, log=print, lend_a_core: bool = False, helper=None):
+def train(args, state=None, log=print, spare_a_core: bool = False, helper=None):
     """Train for args.steps steps; with `state` (a run interrupted in this Python process, or restored
     from a checkpoint), continue it. The LR schedule, the EMA warm-up and the data order follow
     the step count alone, so the same seed gives the same model. Saves <out>/ckpt.pt every
     --ckpt-every minutes and at the end, and <out>/progress.png every --progress-every minutes.
     A new run refuses to start over an existing checkpoint. Returns (state, how): how is
     "done", "interrupted" (Ctrl-C) or "capped" (--minutes).
-    Speed only, lend_a_core (the command line's runs): on a CPU with several threads, train the
-    first LENT_CORE_STEPS steps on one thread fewer, leaving a core to `helper` (an OnOneCore,
+    Speed only, spare_a_core (the command line's runs): on a CPU with several threads, train the
+    first REFEREE_CORE_STEPS steps on one thread fewer, leaving a core to `helper` (an OnOneCore,
     mnist_eval.referee_helper: started here, after the autoencoder's fit), waited for at that
     step if it is still at work. A fixed step, not the helper's end, so that a seed gives the
     same model however fast the machine, resumed or not, helper or not: the thread count
@@ -304,19 +304,19 @@ def train(args, state=None, log=print, lend_a_core: bool = False, helper=None):
     start_step, seconds0 = state["step"], state["seconds"]
     how = "done"
     threads = torch.get_num_threads()
-    lent = lend_a_core and device.type == "cpu" and threads > 1 and state["step"] < LENT_CORE_STEPS
-    if lent:
+    spared = spare_a_core and device.type == "cpu" and threads > 1 and state["step"] < REFEREE_CORE_STEPS
+    if spared:
         torch.set_num_threads(threads - 1)
-    if helper is not None and (lent or device.type != "cpu"):  # a GPU run leaves the CPU's cores free
+    if helper is not None and (spared or device.type != "cpu"):  # a GPU run leaves the CPU's cores free
         helper.start()
     with StopOnCtrlC(log) as ctrl_c:
         while state["step"] < args.steps:
-            if lent and state["step"] == LENT_CORE_STEPS:   # the lent core back
+            if spared and state["step"] == REFEREE_CORE_STEPS:   # the spare core back
                 t_wait = time.time()
                 if helper is not None:
                     helper.wait()
                 torch.set_num_threads(threads)
-                log(f"step {LENT_CORE_STEPS:,}: {threads} threads again (the referee "
+                log(f"step {REFEREE_CORE_STEPS:,}: {threads} threads again (the referee "
                     f"{'was trained beside' if helper is not None else 'is saved'}; waited for it "
                     f"{time.time() - t_wait:.0f} s)")
             if ctrl_c.requested:
@@ -600,8 +600,8 @@ def main(argv=None, log=print):
             refuse_to_overwrite(path)
         load_digits(args.data_dir, train=True, dataset=args.dataset)   # fail early, with directions
         load_digits(args.data_dir, train=False, dataset=args.dataset)
-        referee = mnist_eval.referee_helper(args)   # trained beside the model, on a core lent to it
-        state, how = train(args, state, log=log, lend_a_core=True, helper=referee)
+        referee = mnist_eval.referee_helper(args)   # trained beside the model, on a core of its own
+        state, how = train(args, state, log=log, spare_a_core=True, helper=referee)
     except (MissingData, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
