@@ -12,8 +12,9 @@ It prints one table, every time a median of several runs after warm-up:
   numbers in the default's mix, the loss, backward, clipping, AdamW, the EMA), its model
   FLOPs (a formula) and MFU = model FLOP/s / the measured peak of a large fp32 matmul;
 - the same step inside a short stretch of the real training loop (`train_mnist.train` on the
-  stand-in digits), and the line `train step: bench X ms, loop Y ms, ratio R`: R near 1 says
-  that the first figure times what training does;
+  stand-in digits), timed in turn with the first in three rounds (a drifting machine slows
+  both alike), and the line `train step: bench X ms, loop Y ms, ratio R`: R near 1 says that
+  the first figure times what training does;
 - sampling: 100 digits drawn in one batch with the default sampler, with and without the
   KV cache, and one 4-digit number drawn on demand (a trained model draws it; without one,
   scripted text opens one image after each digit);
@@ -41,7 +42,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, device, warmup=2, repeats=5):
+def step_times(fn, device, warmup=2, repeats=5):
+    """Seconds of each of `repeats` calls of fn, after `warmup` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -51,7 +53,11 @@ def median_time(fn, device, warmup=2, repeats=5):
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, device, warmup=2, repeats=5):
+    return statistics.median(step_times(fn, device, warmup, repeats))
 
 
 def matmul_peak(device, n=2048, dtype=torch.float32):
@@ -105,11 +111,12 @@ def profile_step(step, n=10):
     return {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}, total / n / 1000
 
 
-def bench_train(args, data, device, repeats):
-    """The training step as the loop runs it (bench), then a stretch of the loop itself."""
-    run = tm.parse_args(["--data-dir", data, "--device", device.type, "--log-every", "0", "--progress-every", "0",
-                         "--out", os.path.join(data, "out"), "--steps", str(args.loop_steps),
-                         "--autoencoder-steps", "10"] + args.flags.split())   # timing needs no good autoencoder
+def bench_train(args, data, device, repeats, rounds):
+    """The training step as the loop runs it (bench), then a stretch of the loop itself; `rounds`
+    times in turn, so that a machine whose speed drifts within seconds slows both alike."""
+    flags = ["--data-dir", data, "--device", device.type, "--log-every", "0", "--progress-every", "0",
+             "--steps", str(args.loop_steps), "--autoencoder-steps", "10"] + args.flags.split()
+    run = tm.parse_args(flags + ["--out", os.path.join(data, "out")])       # timing needs no good autoencoder
     u8, labels = tm.load_digits(data, train=True)
     state = tm.new_state(run, device)
     images = state["model"].encode_images(tm.to_model_range(u8).to(device)).cpu()  # pixels or latents (§2.3)
@@ -117,14 +124,18 @@ def bench_train(args, data, device, repeats):
     # warm-up: the first step of each new batch shape (58-64 images, a varying number of packed
     # rows) builds its kernels (oneDNN primitives); the loop below, later in the process, finds
     # them built. 12 steps sufficed on pixels; on latents the steps kept speeding up for ~30
-    sec = median_time(lambda: tm.run_step(state, run, images, labels, bf16), device, warmup=args.warmup, repeats=repeats)
-    profile = profile_step(lambda: tm.run_step(state, run, images, labels, bf16)) if args.profile else None
-    # the real loop: train() logs every step (--log-every 0); the time between two log lines is a step
-    stamps = []
-    tm.train(run, log=lambda line: stamps.append(time.perf_counter()) if line.startswith("step") else None)
-    warm = min(5, len(stamps) // 2)                                       # warm-up steps left out
-    gaps = [b - a for a, b in zip(stamps[warm:], stamps[warm + 1:])]
-    loop = statistics.median(gaps)
+    step = lambda: tm.run_step(state, run, images, labels, bf16)                    # noqa: E731
+    steps, gaps = [], []
+    for r in range(rounds):
+        steps += step_times(step, device, warmup=args.warmup if r == 0 else 2, repeats=repeats)
+        # the real loop: train() logs every step (--log-every 0); the time between two log lines is a step
+        stamps = []
+        tm.train(tm.parse_args(flags + ["--out", os.path.join(data, f"out{r}")]),
+                 log=lambda line: stamps.append(time.perf_counter()) if line.startswith("step") else None)
+        warm = min(10, len(stamps) // 2)                                      # warm-up steps left out
+        gaps += [b - a for a, b in zip(stamps[warm:], stamps[warm + 1:])]
+    sec, loop = statistics.median(steps), statistics.median(gaps)
+    profile = profile_step(step) if args.profile else None
     gen = torch.Generator().manual_seed(0)
     seqs = [s for _ in range(20) for s in tm.make_sequences(images[:run.batch_size], labels[:run.batch_size], gen,
                                                            run.max_digits, run.caption_first, run.layout)]
@@ -180,7 +191,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=40, help="training steps run before the timed ones")
-    p.add_argument("--loop-steps", type=int, default=40, help="steps of the real training loop")
+    p.add_argument("--loop-steps", type=int, default=40, help="steps of the real training loop, each round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the step's timing and the loop's, in turn")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="a trained model for the sampling rows, if present")
     p.add_argument("--sample-digits", type=int, default=100, help="digits drawn in one batch")
     p.add_argument("--profile", action="store_true", help="also: where the training step's time goes, by kind of op")
@@ -194,7 +206,7 @@ def main(argv=None):
     peak = matmul_peak(device, dtype=torch.bfloat16 if bf16 else torch.float32)
     with tempfile.TemporaryDirectory() as data:
         write_standin_mnist(data, n_train=4096, n_test=64)
-        tr = bench_train(args, data, device, args.repeats)
+        tr = bench_train(args, data, device, args.repeats, args.rounds)
     sa = bench_sample(args, device, max(1, args.repeats // 4), bf16)
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
@@ -204,7 +216,7 @@ def main(argv=None):
              f"{tr['ms']:.1f} ({tr['positions']:.0f})"),
             ("train: model GFLOP/step (formula)", f"{tr['gflop']:.2f}"),
             ("train: model GFLOP/s; MFU", f"{tr['gflops']:.0f}; {tr['gflops'] / peak:.1%}"),
-            (f"train: ms/step in the training loop ({args.loop_steps} steps)", f"{tr['loop_ms']:.1f}"),
+            (f"train: ms/step in the training loop ({args.rounds} x {args.loop_steps} steps)", f"{tr['loop_ms']:.1f}"),
             (f"sample {args.sample_digits} digits, KV cache", f"{sa['cache']:.2f} s"),
             (f"sample {args.sample_digits} digits, no cache", f"{sa['plain']:.2f} s"),
             ("draw a 4-digit number on demand", f"{sa['draw']:.2f} s" + ("" if sa["drawn"] == 4 else

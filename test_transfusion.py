@@ -1689,8 +1689,8 @@ def test_every_command_the_readme_shows_runs_on_tiny_sizes(tmp_path, monkeypatch
             fresh = out if not os.path.exists(os.path.join(out, "ckpt.pt")) else f"{out}_{len(ran)}"   # a new run each
             rc = tm.main(flags + ["--out", fresh, *TINY_RUN, "--steps", "2", *small_eval], log=lambda m: None)
         elif script == "bench.py":
-            rc = bench.main(flags + ["--repeats", "1", "--warmup", "2", "--loop-steps", "3", "--sample-digits", "2",
-                                     "--flags", " ".join(TINY_RUN[:14])])
+            rc = bench.main(flags + ["--repeats", "1", "--warmup", "2", "--loop-steps", "3", "--rounds", "2",
+                                     "--sample-digits", "2", "--flags", " ".join(TINY_RUN[:14])])
         elif script == "ablations.py":
             rc = ablations.main(flags + ["--seeds", "0", "--steps", "2", "--root", str(tmp_path / "abl")])
         else:
