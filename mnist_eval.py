@@ -99,9 +99,9 @@ def fit_referee(data_dir, dataset, epochs, path, log=print):
 class OnOneCore:
     """Speed only: fn(*args) in a helper process (a fresh Python, `spawn`) on one thread while
     this process goes on: start() starts it, wait() waits for its end, result() for its return
-    value. The helper ignores Ctrl-C (this process handles it) and dies
-    with this process. The caller gives it a core: it runs on one thread fewer meanwhile
-    (torch.set_num_threads), or the threads of both would wait on each other."""
+    value. The helper ignores Ctrl-C (this process handles it) and dies with this process. The
+    caller gives it a core: it runs on one thread fewer meanwhile (torch.set_num_threads), or
+    the threads of both would wait on each other."""
 
     def __init__(self, fn, *args):
         self.fn, self.args, self.process = fn, args, None
