@@ -1026,8 +1026,9 @@ def test_a_fitted_autoencoder_gives_unit_latents_inside_their_bounds_and_decodes
     torch.manual_seed(0)
     ae = ImageAutoencoder(mn.mnist_config(autoencoder=8))
     before = F.mse_loss(ae.decode(ae.encode(x)), x)
-    ae.fit(x, steps=40, batch_size=32, generator=torch.Generator().manual_seed(0))
+    fitted = ae.fit(x, steps=40, batch_size=32, generator=torch.Generator().manual_seed(0))
     z = ae.encode(x)
+    assert torch.equal(fitted, z)                                        # fit returns encode's latents, bit for bit
     assert z.shape == (len(x), 4, 8, 8) and z.dtype == torch.float32
     # each channel at the scale the noise schedule assumes: mean 0, variance 1 over the training images
     assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(4), atol=1e-4)

@@ -268,13 +268,15 @@ def train(args, state=None, log=print, spare_a_core: bool = False, helper=None):
     if model.autoencoder is not None:  # §2.3: the model learns on latents, encoded once
         if fresh:
             t_ae = time.time()
-            model.autoencoder.fit(images.to(device), args.autoencoder_steps,
-                                  generator=torch.Generator().manual_seed(args.seed), log=log)
+            latents = model.autoencoder.fit(images.to(device), args.autoencoder_steps,
+                                            generator=torch.Generator().manual_seed(args.seed), log=log)
             ema.autoencoder.load_state_dict(model.autoencoder.state_dict())
             c = model.cfg
             log(f"autoencoder ({c.autoencoder} wide; a digit -> a latent {c.channels}x{c.image_size}x{c.image_size}) "
                 f"trained in {(time.time() - t_ae) / 60:.2f} min")
-        images = model.encode_images(images.to(device)).cpu()           # (n, C, I, I)
+        else:
+            latents = model.encode_images(images.to(device))
+        images = latents.cpu()                                          # (n, C, I, I)
     ema.sample_defaults = sample_defaults(args)   # how the progress pictures (and later users) sample
     bf16 = use_bf16(device, args.fp32, args.bf16)
     cfg = model.cfg

@@ -413,7 +413,8 @@ class ImageAutoencoder(nn.Module):
         """Train on pixels (n, c, S, S) in [-1, 1]: reconstruction MSE, AdamW with a cosine
         decay, fp32; then set the latent's per-channel mean and std, and its bounds lo, hi.
         Many small batches: 4,000 steps of 16 digits reconstruct better than 1,000 of 128 in
-        half the time (docs/speed.md)."""
+        half the time (docs/speed.md). Returns the images' latents (n, C, I, I), those `encode`
+        gives, computed here anyway for the statistics."""
         self.requires_grad_(True)
         opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0)
         with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
@@ -438,7 +439,7 @@ class ImageAutoencoder(nn.Module):
         z = (z - self.mean) / self.std                                  # (n, C, I, I), as encode gives them
         self.lo.copy_(z.amin(0))
         self.hi.copy_(z.amax(0))
-        return self
+        return z
 
 
 # ---- 4. The Transfusion attention mask (§3 "Transfusion Attention", Fig. 4) ----
