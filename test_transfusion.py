@@ -1495,6 +1495,30 @@ def test_resume_of_a_run_saved_before_a_flag_existed_takes_that_flags_default(fa
         tm.resume_args(tm.parse_args(["--resume", "--caption-first", "0.6"]), ckpt)
 
 
+def test_lr_warms_up_then_falls_straight_to_zero_or_on_the_papers_cosine():
+    from train_mnist import lr_at
+    total, peak, warm = 1100, 2.0, 100
+    cos = [lr_at(s, total, peak, warm) for s in range(total)]             # the default: §4.1's cosine
+    lin = [lr_at(s, total, peak, warm, "linear") for s in range(total)]
+    assert lin[:warm] == cos[:warm] == [peak * (s + 1) / warm for s in range(warm)]   # the same warm-up
+    assert lin[warm] == peak and lin[warm + 500] == pytest.approx(peak / 2)  # a straight line ...
+    assert lin[-1] == pytest.approx(peak / 1000) and lr_at(total, total, peak, warm, "linear") == 0  # ... to 0
+    assert all(a >= b for a, b in zip(lin[warm:], lin[warm + 1:]))
+    assert cos[-1] == pytest.approx(peak / 20, rel=1e-3)                 # §4.1: 3e-4 -> 1.5e-5
+    assert [lr_at(s, 5, peak, 8) for s in range(5)] == [peak * (s + 1) / 8 for s in range(5)]  # all warm-up
+
+
+def test_a_run_saved_before_lr_schedule_existed_resumes_on_the_cosine_it_trained_with(fake_data, tmp_path):
+    import train_mnist as tm
+    log, _ = ctrl_c_at(2)
+    run_script(fake_data, tmp_path, "--steps", "4", "--lr-schedule", "linear", *NO_EVAL, log=log)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["run"]["lr_schedule"] == "linear"                          # recorded, and resumed with
+    assert tm.resume_args(tm.parse_args(["--resume"]), ckpt).lr_schedule == "linear"
+    del ckpt["run"]["lr_schedule"]                                         # as written before the flag
+    assert tm.resume_args(tm.parse_args(["--resume"]), ckpt).lr_schedule == "cosine"
+
+
 def test_a_file_that_is_not_our_checkpoint_is_one_line_of_error(tmp_path, capsys):
     import train_mnist as tm
     (tmp_path / "bytes").write_bytes(os.urandom(256))

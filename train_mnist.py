@@ -39,14 +39,15 @@ from transfusion import Transfusion, TransfusionConfig, batch_loss, bf16_is_fast
 MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "patch_size", "patch_encoder", "unet_channels",
                "unet_downsample", "lam", "image_attention", "image_first_max_t", "min_snr_gamma", "autoencoder")
 RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption_first", "layout", "lr", "warmup",
-                           "ema", "fp32", "bf16", "dataset", "clean_t", "autoencoder_steps")
+                           "lr_schedule", "ema", "fp32", "bf16", "dataset", "clean_t", "autoencoder_steps")
 # speed only: the first steps, which a CPU run trains on one thread fewer while the referee trains
 # in a helper process on the core left free (train, mnist_eval.referee_helper); on two cores the
 # referee takes about as long (docs/speed.md)
 REFEREE_CORE_STEPS = 1600
 CKPT_FORMAT = 5   # what a checkpoint holds; another version's format is refused with a message
-# what a checkpoint written before a flag existed trained with
+# what a checkpoint written before a flag existed trained with: its model's config, its run
 OLDER_RUNS = {"unet_downsample": 1, "min_snr_gamma": 0.0, "autoencoder": 0}
+OLDER_RUN_FLAGS = {**OLDER_RUNS, "lr_schedule": "cosine"}
 
 
 def model_config(args) -> TransfusionConfig:
@@ -72,10 +73,14 @@ def configure_optimizer(model, lr: float, weight_decay: float = 0.1):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
-def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float = 0.05):
-    """Linear warmup, then cosine decay to lr/20 at the last step (the paper: 3e-4 -> 1.5e-5)."""
+def lr_at(step: int, total: int, lr: float, warmup: int, schedule: str = "cosine", min_ratio: float = 0.05):
+    """Linear warmup, then the paper's cosine decay to lr/20 at the last step (§4.1: 3e-4 ->
+    1.5e-5), or with schedule "linear" a straight line down to 0 (Bergsma et al. 2025, "Straight
+    to Zero"; measured as a speed lever and not taken: docs/speed.md)."""
     if step < warmup:
         return lr * (step + 1) / warmup
+    if schedule == "linear":
+        return lr * (1 - (step - warmup) / max(1, total - warmup))
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * step / total)))
 
 
@@ -133,7 +138,7 @@ def run_step(state, args, images, labels, bf16: bool):
     Everything follows the step count and the run's generator alone. Returns (lm, ddpm)."""
     step, gen = state["step"], state["gen"]
     for g in state["opt"].param_groups:
-        g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        g["lr"] = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)
     if state["order"] is None or state["cursor"] + args.batch_size > len(labels):
         state["order"], state["cursor"] = torch.randperm(len(labels), generator=gen), 0
     idx = state["order"][state["cursor"]:state["cursor"] + args.batch_size]
@@ -464,6 +469,8 @@ def build_parser():
     a("--lr", type=flag_type(float, 0, lo_open=True), default=2.8e-3,
       help="peak learning rate (2e-3 x sqrt 2 for 128 digits a step: docs/speed.md)")
     a("--warmup", type=flag_type(int, 0), default=100)
+    a("--lr-schedule", choices=["cosine", "linear"], default="cosine",
+      help="after the warm-up: cosine decay to LR/20 (§4.1), or linear to 0 (not the paper's: docs/speed.md)")
     a("--ema", type=flag_type(float, 0, 0.999999), default=0.9995, help="EMA decay of the sampling weights")
     # sampling and evaluation
     a("--cfg-scale", type=flag_type(float, 0), default=SAMPLING["cfg_scale"], help="classifier-free guidance scale")
@@ -535,7 +542,7 @@ def parse_args(argv=None):
 
 def resume_args(args, ckpt):
     """The run's settings from its checkpoint; a differing flag on the command line is an error."""
-    saved = {**OLDER_RUNS, **ckpt["run"]}
+    saved = {**OLDER_RUN_FLAGS, **ckpt["run"]}
     run = {k: saved.get(k, args.parser.get_default(k)) for k in RUN_FLAGS}  # older runs lack newer flags
     for k in RUN_FLAGS:
         if k in args.given and getattr(args, k) != run[k]:
