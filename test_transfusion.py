@@ -1485,12 +1485,15 @@ def test_resume_refuses_other_settings_and_a_new_run_never_overwrites(fake_data,
 def test_resume_of_a_run_saved_before_a_flag_existed_takes_that_flags_default(fake_data, tmp_path):
     import train_mnist as tm
     log, _ = ctrl_c_at(2)
-    run_script(fake_data, tmp_path, "--steps", "4", *NO_EVAL, log=log)
+    run_script(fake_data, tmp_path, "--steps", "4", "--lr-schedule", "linear", *NO_EVAL, log=log)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert tm.resume_args(tm.parse_args(["--resume"]), ckpt).lr_schedule == "linear"   # recorded, kept
     del ckpt["run"]["caption_first"]                      # as written before --caption-first existed
+    del ckpt["run"]["lr_schedule"]                        # ... and before --lr-schedule: the cosine it had
     torch.save(ckpt, tmp_path / "ckpt.pt")
     args = tm.resume_args(tm.parse_args(["--resume"]), ckpt)
     assert args.caption_first == tm.build_parser().get_default("caption_first") and args.steps == 4
+    assert args.lr_schedule == "cosine"
     with pytest.raises(SystemExit):                       # and a differing value is still refused
         tm.resume_args(tm.parse_args(["--resume", "--caption-first", "0.6"]), ckpt)
 
@@ -1506,17 +1509,6 @@ def test_lr_warms_up_then_falls_straight_to_zero_or_on_the_papers_cosine():
     assert all(a >= b for a, b in zip(lin[warm:], lin[warm + 1:]))
     assert cos[-1] == pytest.approx(peak / 20, rel=1e-3)                 # §4.1: 3e-4 -> 1.5e-5
     assert [lr_at(s, 5, peak, 8) for s in range(5)] == [peak * (s + 1) / 8 for s in range(5)]  # all warm-up
-
-
-def test_a_run_saved_before_lr_schedule_existed_resumes_on_the_cosine_it_trained_with(fake_data, tmp_path):
-    import train_mnist as tm
-    log, _ = ctrl_c_at(2)
-    run_script(fake_data, tmp_path, "--steps", "4", "--lr-schedule", "linear", *NO_EVAL, log=log)
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert ckpt["run"]["lr_schedule"] == "linear"                          # recorded, and resumed with
-    assert tm.resume_args(tm.parse_args(["--resume"]), ckpt).lr_schedule == "linear"
-    del ckpt["run"]["lr_schedule"]                                         # as written before the flag
-    assert tm.resume_args(tm.parse_args(["--resume"]), ckpt).lr_schedule == "cosine"
 
 
 def test_a_file_that_is_not_our_checkpoint_is_one_line_of_error(tmp_path, capsys):
