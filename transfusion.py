@@ -58,7 +58,6 @@ Deviations from the paper, all so that it trains on a laptop CPU:
 Left out on purpose: a pretrained VAE, text tokenization (ids are given), distributed
 training and the image-editing fine-tune (§4.5).
 """
-import array
 import math
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
@@ -1078,8 +1077,7 @@ def packed_batch(cfg: TransfusionConfig, seqs: List[List[int]], images, t, devic
         img[i:i + n] = [-1 - c if c < 0 else -1 for c in seq]
         owner[i:i + n] = [b] * n
         pos[i:i + n] = range(n)
-    # (R, S) each. Speed only, the same numbers: each list read as one int64 buffer, not element by element
-    tokens, img_id, owner, pos = (torch.frombuffer(array.array("q", x), dtype=torch.long).view(R, S).to(device)
+    tokens, img_id, owner, pos = (torch.tensor(x, device=device).view(R, S)             # (R, S) each
                                   for x in (tok, img, owner, pos))
     valid = owner >= 0
     targets = lm_targets(cfg, tokens, valid & (img_id < 0))             # (R, S) ...
