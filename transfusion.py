@@ -47,9 +47,10 @@ Deviations from the paper, all so that it trains on a laptop CPU:
 - Condition dropout for classifier-free guidance: the paper gives no rate; we use DiT's
   0.1. "Unconditional" is BOS and the image alone (drop_condition, section 8).
 - A clean image given to the model (in a prompt, or one just drawn) is shown with the
-  timestep embedding of t = clean_t = 50 (alpha_bar 0.99); the paper does not say. t is
-  drawn uniformly in training, so few images sit near t = 1 and its embedding is the least
-  trained. (train_mnist.py --eval-only --clean-t 1 measures the alternative.)
+  timestep embedding of t = clean_t = 200 (alpha_bar 0.90); the paper does not say. t is
+  drawn uniformly in training (1..500 for the images that teach captions), so the embedding
+  of t = 1 is among the least trained; mid-range ones caption best (docs/defaults.md;
+  train_mnist.py --eval-only --clean-t T measures any other).
 - The samplers clip their estimate of x_0 to the data range (predict_x0): [-1, 1] for
   pixels, as the reference DDPM code does; for latents, each number's range over the
   training images. The paper does not say.
@@ -109,7 +110,7 @@ class TransfusionConfig:
     lam: float = 5.0              # lambda of Eq. 4, as the paper
     cond_drop_prob: float = 0.1   # paper: not given; DiT's value
     image_first_max_t: int = 500  # noise cap for images before their caption (§4.3.4)
-    clean_t: int = 50             # the t a clean image is shown at (paper: not given; see docstring)
+    clean_t: int = 200            # the t a clean image is shown at (paper: not given; see docstring)
     min_snr_gamma: float = 0.0    # 0: the paper's plain MSE (Eq. 3); > 0: min-SNR weights (section 8)
 
     @property
