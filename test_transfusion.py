@@ -1490,10 +1490,11 @@ def test_resume_of_a_run_saved_before_a_flag_existed_takes_that_flags_default(fa
     assert tm.resume_args(tm.parse_args(["--resume"]), ckpt).lr_schedule == "linear"   # recorded, kept
     del ckpt["run"]["caption_first"]                      # as written before --caption-first existed
     del ckpt["run"]["lr_schedule"]                        # ... and before --lr-schedule: the cosine it had
+    ckpt["config"]["clean_t"] = 50                        # built when clean images were shown at t = 50
     torch.save(ckpt, tmp_path / "ckpt.pt")
     args = tm.resume_args(tm.parse_args(["--resume"]), ckpt)
     assert args.caption_first == tm.build_parser().get_default("caption_first") and args.steps == 4
-    assert args.lr_schedule == "cosine"
+    assert args.lr_schedule == "cosine" and tm.model_config(args).clean_t == 50
     with pytest.raises(SystemExit):                       # and a differing value is still refused
         tm.resume_args(tm.parse_args(["--resume", "--caption-first", "0.6"]), ckpt)
 

@@ -544,6 +544,8 @@ def resume_args(args, ckpt):
     """The run's settings from its checkpoint; a differing flag on the command line is an error."""
     saved = {**OLDER_RUN_FLAGS, **ckpt["run"]}
     run = {k: saved.get(k, args.parser.get_default(k)) for k in RUN_FLAGS}  # older runs lack newer flags
+    if run["clean_t"] is None:   # not given: the t its model was built with (the default has changed)
+        run["clean_t"] = ckpt["config"].get("clean_t")
     for k in RUN_FLAGS:
         if k in args.given and getattr(args, k) != run[k]:
             args.parser.error(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the run being resumed "
