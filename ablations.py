@@ -26,11 +26,12 @@ import sys
 # The setting the ablation table was measured at: 7x7 patches (16 per image), numbers read as
 # BOS <img> <img> ; 2 0 EOS, 80% caption first (§4.1), the U-Net at full resolution, fp32 (the
 # default on a CPU with bf16 instructions is bf16), 64 digits a step at LR 2e-3 on pixels, clean
-# images shown at t = 50. Every row starts from it, so that each row reruns its figures; the default
-# run differs (a latent's 4 patches, each image read beside its digit, 70% caption first, 128 digits a
-# step, t = 200: docs/layout.md, docs/defaults.md).
+# images shown at t = 50, guidance 1.75. Every row starts from it, so that each row reruns its
+# figures; the default run differs (a latent's 4 patches, each image read beside its digit, 70%
+# caption first, 128 digits a step, t = 200, guidance 2: docs/layout.md, docs/defaults.md).
 BASE = ["--patch-size", "7", "--layout", "read-grouped", "--caption-first", "0.8", "--unet-downsample", "1",
-        "--fp32", "--autoencoder", "0", "--batch-size", "64", "--lr", "2e-3", "--clean-t", "50"]
+        "--fp32", "--autoencoder", "0", "--batch-size", "64", "--lr", "2e-3", "--clean-t", "50",
+        "--cfg-scale", "1.75"]
 # row -> the flags that differ from BASE (README, "The paper's ablations")
 ROWS = {
     "default": [],

@@ -28,9 +28,9 @@ PAD, BOS, BOI, EOI, EOS, SEP = 10, 11, 12, 13, 14, 15
 FASHION = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
 # how a trained model samples unless told otherwise: DDPM, 100 of the 1000 steps, guidance
-# scale 1.75 (the paper: 250 steps and 5, or 3 in ablations; docs/defaults.md). A checkpoint
+# scale 2 (the paper: 250 steps and 5, or 3 in ablations; docs/defaults.md). A checkpoint
 # stores its own (cfg_scale: the guidance scale, as the flag --cfg-scale names it).
-SAMPLING = dict(steps=100, cfg_scale=1.75, sampler="ddpm")
+SAMPLING = dict(steps=100, cfg_scale=2.0, sampler="ddpm")
 # paired: each image beside its digit, both ways (above). read-grouped: reading as
 # BOS <img> <img> ; 2 0 EOS instead. grouped: drawing as BOS 2 0 ; <img> <img> EOS too
 # (docs/layout.md compares them).

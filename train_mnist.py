@@ -423,7 +423,7 @@ def build_parser():
     a("--out", default="out")
     a("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     a("--seed", type=int, default=0)
-    a("--steps", type=count, default=9000, help="training steps: the run's length and its LR schedule")
+    a("--steps", type=count, default=8000, help="training steps: the run's length and its LR schedule")
     a("--minutes", type=flag_type(float, 0, lo_open=True), help="optional cap on training wall time (the schedule "
                                                               "stays that of --steps; the run can be resumed)")
     a("--resume", action="store_true", help="continue the run saved in <out>/ckpt.pt")
