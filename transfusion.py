@@ -160,17 +160,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE's angles pos * theta^(-2i/Dh) (Su et al. 2021), each (max_len, Dh/2)."""
+def rope_table(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
+    """RoPE's rotations (Su et al. 2021) as unit complex numbers e^(i pos theta^(-2j/Dh)),
+    (max_len, Dh/2) complex64: position pos turns pair j by the angle pos * theta^(-2j/Dh)."""
     freqs = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)   # (Dh/2,)
     angles = torch.arange(max_len).float()[:, None] * freqs[None, :]     # (max_len, Dh/2)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate the pairs (x[i], x[i + Dh/2]) of q or k (..., S, Dh) by their position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)                                           # (..., S, Dh/2) each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+def apply_rope(x, rot):
+    """Rotate the pairs (x[2j], x[2j+1]) of q or k (..., S, Dh) by their position's angles, rot
+    (..., S, Dh/2): a pair read as the complex number x[2j] + i x[2j+1], times e^(i angle), as in
+    Llama's reference code. In fp32 (there is no bf16 complex); one kernel, where the same
+    rotation written with cos and sin takes six and a concatenation (docs/speed.md)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))     # (..., S, Dh/2) complex
+    return torch.view_as_real(pairs * rot).flatten(-2)                  # (..., S, Dh)
 
 
 class Attention(nn.Module):
@@ -180,23 +184,26 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask):
-        q, k, v = self.qkv(x, cos, sin)
+    def forward(self, x, rot, mask):
+        q, k, v = self.qkv(x, rot)
         return self.attend(q, k, v, mask)
 
-    def qkv(self, x, cos, sin):
+    def qkv(self, x, rot):
         """Queries, keys and values of x (B, S, D), each (B, H, S, Dh); q and k rotated by RoPE."""
         B, S, D = x.shape
         qkv = self.wqkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, S, Dh)
-        q, k = apply_rope(qkv[:2], cos, sin).unbind(0)                  # (B, H, S, Dh) each: both rotated at once
+        q, k = apply_rope(qkv[:2], rot).unbind(0)                       # (B, H, S, Dh) each: both rotated at once
         return q, k, qkv[2]
 
     def attend(self, q, k, v, mask):
-        """Each query's mix of the values whose keys the mask lets it see (section 4)."""
-        # in fp32 under bf16 autocast, as Llama's reference computes its softmax in fp32; on
-        # a CPU also faster, bf16's attention kernel being slow at these sizes (docs/speed.md)
+        """Each query's mix of the values whose keys the mask lets it see (section 4):
+        softmax(q k^T / sqrt(Dh)) v over the keys where mask is True."""
+        # in fp32 under bf16 autocast, as Llama's reference computes its softmax in fp32. Written
+        # out, not F.scaled_dot_product_attention: at these sizes (rows of ~35 positions) the
+        # three steps are faster on a CPU (docs/speed.md), and the mask is seen at work
         with torch.autocast(q.device.type, enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)  # (B, H, S, Dh)
+            scores = (q.float() @ k.float().transpose(-2, -1)) * self.head_dim ** -0.5  # (B, H, S, L)
+            y = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v.float()   # (B, H, S, Dh)
         B, H, S, Dh = y.shape
         return self.wo(y.transpose(1, 2).reshape(B, S, H * Dh))          # (B, S, D)
 
@@ -222,8 +229,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, rot, mask):
+        x = x + self.attn(self.attn_norm(x), rot, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -652,9 +659,7 @@ class Transfusion(nn.Module):
         # the shared transformer
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(D, cfg.norm_eps)
-        cos, sin = rope_tables(D // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope", rope_table(D // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta), persistent=False)
         self.register_buffer("alpha_bar", cosine_alpha_bar(cfg.T, cfg.cosine_s, cfg.max_beta), persistent=False)
         self.init_weights()
         # §2.3: with an autoencoder the model reads and writes latents; it is trained before the
@@ -713,10 +718,10 @@ class Transfusion(nn.Module):
         the shared transformer, each modality's own layers out. Returns text logits
         (B, S, V) and the predicted noise eps_hat of each image (M, C, I, I)."""
         h, image_state = self.embed(batch)                              # (B, S, D)
-        cos, sin = self.rope_cos[batch.pos][:, None], self.rope_sin[batch.pos][:, None]  # (B, 1, S, Dh/2)
+        rot = self.rope[batch.pos][:, None]                             # (B, 1, S, Dh/2), shared by heads
         mask = batch.mask[:, None]                                      # (B, 1, S, S), shared by heads
         for block in self.blocks:
-            h = block(h, cos, sin, mask)
+            h = block(h, rot, mask)
         return self.predict(h, batch, image_state)
 
     def embed(self, batch: Batch):
@@ -1132,13 +1137,13 @@ def forward_cached(model: Transfusion, batch: Batch, cache: KVCache, commit: boo
     their keys and values (a denoising step does not: its x_t is replaced next step)."""
     B, S = batch.tokens.shape
     h, image_state = model.embed(batch)                                 # (B, S, D)
-    cos, sin = model.rope_cos[batch.pos][:, None], model.rope_sin[batch.pos][:, None]  # (B, 1, S, Dh/2)
+    rot = model.rope[batch.pos][:, None]                                # (B, 1, S, Dh/2)
     mask = batch.mask
     if len(cache):  # the cached prefix lies wholly before the new tokens: visible wherever it is valid
         mask = torch.cat([cache.valid[:, None, :].expand(B, S, -1), mask], dim=2)  # (B, S, L+S)
     mask = mask[:, None]                                                # (B, 1, S, L+S)
     for i, block in enumerate(model.blocks):  # Block.forward, with the cache's keys and values
-        q, k, v = block.attn.qkv(block.attn_norm(h), cos, sin)
+        q, k, v = block.attn.qkv(block.attn_norm(h), rot)
         k, v = cache.extend(i, k, v)                                    # (B, H, L+S, Dh)
         h = h + block.attn.attend(q, k, v, mask)
         h = h + block.mlp(block.mlp_norm(h))
