@@ -91,8 +91,9 @@ def train_flops_per_step(cfg, seq_lens, n_images):
     return tokens + n_images * per_image
 
 
-KINDS = {"convolutions": ("conv",), "matmuls": ("mm", "linear"), "attention": ("scaled_dot_product", "attention"),
-         "optimizer": ("adam", "lerp", "foreach", "vector_norm"), "norms": ("norm",)}
+# an op's kind: the first whose words its name holds (attention's q k^T and its mix of v are bmm)
+KINDS = {"convolutions": ("conv",), "attention": ("bmm", "softmax", "masked_fill", "scaled_dot_product"),
+         "matmuls": ("mm", "linear"), "optimizer": ("adam", "lerp", "foreach", "vector_norm"), "norms": ("norm",)}
 
 
 def profile_step(step, n=10):

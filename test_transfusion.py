@@ -217,6 +217,20 @@ def test_image_is_causal_across_images_but_bidirectional_inside():
     assert not torch.allclose(patchify(ea, 2)[0, 0], patchify(eb, 2)[0, 0], atol=1e-4)
 
 
+def test_rope_turns_each_pair_by_its_positions_angle():
+    """apply_rope, as cos and sin: the pair (x[2j], x[2j+1]) at position p turns by the angle
+    p * theta^(-2j/Dh); lengths are kept, position 0 is left as it is."""
+    from transfusion import apply_rope, rope_table
+    Dh, theta = 8, 10000.0
+    x = torch.randn(3, 5, Dh, generator=torch.Generator().manual_seed(0))   # (H, S, Dh)
+    y = apply_rope(x, rope_table(Dh, 5, theta))
+    angle = torch.arange(5.0)[:, None] * theta ** (-torch.arange(0, Dh, 2) / Dh)  # (S, Dh/2)
+    a, b = x[..., 0::2], x[..., 1::2]
+    assert torch.allclose(y[..., 0::2], a * angle.cos() - b * angle.sin(), atol=1e-5)
+    assert torch.allclose(y[..., 1::2], a * angle.sin() + b * angle.cos(), atol=1e-5)
+    assert torch.equal(y[:, 0], x[:, 0])
+
+
 def test_rope_outputs_depend_only_on_relative_positions():
     model = tiny_model()
     items = model.with_markers([text(BOS, 3), image(0), text(EOS)])
@@ -1372,22 +1386,26 @@ def test_bf16_is_the_default_only_where_it_pays_and_gives_the_fp32_loss_to_bf16_
     assert torch.allclose(losses[0], losses[1], rtol=0.01)                # bf16: 8 bits of mantissa
 
 
-def test_attention_runs_in_fp32_under_bf16_autocast():
-    """Llama's reference computes its softmax in fp32; under bf16 autocast ours does too: the
-    result is fp32 attention of the bf16 queries, keys and values, not bf16 attention."""
+def test_attention_is_sdpa_with_the_mask_and_runs_in_fp32_under_bf16_autocast():
+    """The written-out attention is softmax(q k^T / sqrt(Dh)) v over the keys the mask allows
+    (torch's scaled_dot_product_attention as the reference). Llama's reference computes its
+    softmax in fp32; under bf16 autocast ours does too: fp32 attention of the bf16 queries,
+    keys and values, not bf16 attention."""
     from transfusion import Attention
     cfg = tiny_config()
     attn = Attention(cfg)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, cfg.n_heads, 6, cfg.d_model // cfg.n_heads, generator=g).bfloat16() for _ in range(3))
-    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    mask = torch.ones(6, 6, dtype=torch.bool).tril() | (torch.rand(6, 6, generator=g) < 0.3)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     fp32, bf16 = sdpa(q.float(), k.float(), v.float(), attn_mask=mask), sdpa(q, k, v, attn_mask=mask)
-    assert not torch.equal(fp32.bfloat16(), bf16)                        # the two differ at these inputs
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        y = attn.attend(q, k, v, mask)
-        heads_joined = lambda a: a.transpose(1, 2).reshape(2, 6, -1)   # (B, H, S, Dh) -> (B, S, D)
-        assert torch.equal(y, attn.wo(heads_joined(fp32))) and not torch.equal(y, attn.wo(heads_joined(bf16)))
+    heads_joined = lambda a: a.transpose(1, 2).reshape(2, 6, -1)       # (B, H, S, Dh) -> (B, S, D)
+    with torch.no_grad():
+        assert torch.allclose(attn.attend(q.float(), k.float(), v.float(), mask), attn.wo(heads_joined(fp32)), atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = attn.attend(q, k, v, mask)
+            assert torch.allclose(y.float(), attn.wo(heads_joined(fp32)).float(), atol=1e-6)
+            assert not torch.allclose(y.float(), attn.wo(heads_joined(bf16)).float(), atol=1e-6)  # not bf16's
 
 
 def test_the_evaluation_samples_in_trainings_precision_on_a_cpu_and_the_referee_judges_in_fp32():

@@ -44,7 +44,7 @@ RUN_FLAGS = MODEL_FLAGS + ("seed", "steps", "batch_size", "max_digits", "caption
 # in a helper process on the core left free (train, mnist_eval.referee_helper); on two cores the
 # referee takes about as long (docs/speed.md)
 REFEREE_CORE_STEPS = 1600
-CKPT_FORMAT = 5   # what a checkpoint holds; another version's format is refused with a message
+CKPT_FORMAT = 6   # what a checkpoint holds (6: RoPE turns pairs 2j, 2j+1); another format is refused
 # what a checkpoint written before a flag existed trained with: its model's config, its run
 OLDER_RUNS = {"unet_downsample": 1, "min_snr_gamma": 0.0, "autoencoder": 0}
 OLDER_RUN_FLAGS = {**OLDER_RUNS, "lr_schedule": "cosine"}
