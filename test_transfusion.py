@@ -228,6 +228,7 @@ def test_rope_turns_each_pair_by_its_positions_angle():
     a, b = x[..., 0::2], x[..., 1::2]
     assert torch.allclose(y[..., 0::2], a * angle.cos() - b * angle.sin(), atol=1e-5)
     assert torch.allclose(y[..., 1::2], a * angle.sin() + b * angle.cos(), atol=1e-5)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)          # a rotation keeps lengths
     assert torch.equal(y[:, 0], x[:, 0])
 
 

@@ -1322,7 +1322,7 @@ def bf16_is_fast(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether bf16 autocast pays on `device`: a CUDA GPU with bf16, or a CPU with bf16 dot
     products, AVX-512 BF16 (AMD Zen 4 and 5, Intel Xeons since Cooper Lake) or AMX (Xeons since
     Sapphire Rapids), on which oneDNN runs bf16 convolutions and matmuls: a training step took
-    0.86x fp32's time on a Zen 4 and on a Xeon with AMX (docs/speed.md). Elsewhere fp32: without
+    0.78x fp32's time on a Zen 4, 0.86-0.90x on a Xeon with AMX (docs/speed.md). Elsewhere fp32: without
     these instructions bf16 is emulated. The flags are read from Linux's /proc/cpuinfo; elsewhere False."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
